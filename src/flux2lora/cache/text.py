@@ -1,0 +1,85 @@
+"""The `encode-text` stage: prompt embeddings of captions, validation prompts and the empty prompt, cached.
+
+Embeddings are what the flavour's diffusers pipeline computes in `encode_prompt`: (512, 3*D) per prompt, all
+padded positions kept (the transformer sees them; there is no attention mask). Identical prompts are encoded once.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import Params
+from ..data.prepare import read_jsonl
+from ..io import write_json_atomic
+from ..layout import layout_for
+from ..models import component_identity, load_text_pipeline, resolve_device, torch_dtype
+from ..prompts import load_prompt_library
+from .store import TensorStore, content_key
+
+log = logging.getLogger(__name__)
+
+INDEX = "index.json"
+
+
+def text_layers(params: Params) -> tuple[int, ...]:
+    return tuple(params.encode_text.text_encoder_out_layers or params.model.flavour.stacked_layers)
+
+
+def text_key(params: Params, prompt: str, encoder_identity: str) -> str:
+    cfg = params.encode_text
+    return content_key(kind="text", prompt=prompt, flavour=params.model.model_flavour, layers=text_layers(params),
+                       max_sequence_length=cfg.max_sequence_length, encoder=encoder_identity,
+                       dtype=cfg.cache_dtype)
+
+
+def encode_text(params: Params, root: Path) -> dict:
+    """Cache embeddings for every caption and validation prompt, plus "" (CFG negative / caption dropout).
+
+    Writes `text_embeds/index.json`: {"captions": {image_id: key}, "prompts": {name: key}, "empty": key}.
+    """
+    layout = layout_for(root, params.output_dir)
+    cfg = params.encode_text
+    captions = {row["id"]: row["caption"] for row in read_jsonl(layout.captions_manifest)}
+    library = load_prompt_library(root / params.validate_.user_prompt_library, params.validate_.validation_subject)
+
+    identity = component_identity(params.model, "text_encoder")
+    caption_keys = {image_id: text_key(params, c, identity) for image_id, c in captions.items()}
+    prompt_keys = {name: text_key(params, p, identity) for name, p in library.items()}
+    empty_key = text_key(params, "", identity)
+    by_key = {text_key(params, p, identity): p for p in [*captions.values(), *library.values(), ""]}
+
+    store = TensorStore(layout.text_embeds_dir)
+    todo = [(k, p) for k, p in by_key.items() if not store.has(k)]
+    log.info("encode-text: %d unique prompts, %d cached, %d to encode", len(by_key), len(by_key) - len(todo), len(todo))
+    if todo:
+        device = resolve_device(params.model.device)
+        pipe = load_text_pipeline(params.model, device)
+        store_dtype = torch_dtype(cfg.cache_dtype)
+        with torch.inference_mode(), tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
+            for start in range(0, len(todo), cfg.write_batch_size):
+                chunk = todo[start:start + cfg.write_batch_size]
+                embeds, _ = pipe.encode_prompt([p for _, p in chunk], device=device,
+                                               max_sequence_length=cfg.max_sequence_length,
+                                               text_encoder_out_layers=text_layers(params))
+                for (key, _), emb in zip(chunk, embeds):
+                    store.put(key, {"prompt_embeds": emb.to(store_dtype)})
+                bar.update(len(chunk))
+        del pipe
+    pruned = store.prune(set(by_key))
+    index = {"captions": caption_keys, "prompts": prompt_keys, "prompt_texts": library, "empty": empty_key,
+             "layers": list(text_layers(params)), "encoder": identity}
+    write_json_atomic(layout.text_embeds_dir / INDEX, index)
+    return {"unique_prompts": len(by_key), "encoded": len(todo), "reused": len(by_key) - len(todo), "pruned": pruned}
+
+
+def read_text_index(layout) -> dict:
+    import json
+
+    path = layout.text_embeds_dir / INDEX
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the encode-text stage first")
+    return json.loads(path.read_text())

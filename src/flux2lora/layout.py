@@ -1,0 +1,74 @@
+"""Where each stage writes its declared outputs under `output_dir`.
+
+`dvc.yaml` declares the same paths; `tests/test_dvc.py` checks that the two agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    output_dir: Path
+
+    # prepare: images and captions are separate files so that editing a caption leaves the image manifest
+    # byte-identical and DVC does not re-run encode-latents.
+    @property
+    def images_manifest(self) -> Path:
+        return self.output_dir / "prepare" / "images.jsonl"
+
+    @property
+    def captions_manifest(self) -> Path:
+        return self.output_dir / "prepare" / "captions.jsonl"
+
+    @property
+    def prepare_report(self) -> Path:
+        return self.output_dir / "prepare" / "report.json"
+
+    @property
+    def text_embeds_dir(self) -> Path:
+        return self.output_dir / "text_embeds"
+
+    @property
+    def latents_dir(self) -> Path:
+        return self.output_dir / "latents"
+
+    @property
+    def lora_dir(self) -> Path:
+        return self.output_dir / "lora"
+
+    @property
+    def lora_file(self) -> Path:
+        return self.lora_dir / "pytorch_lora_weights.safetensors"
+
+    @property
+    def train_dir(self) -> Path:
+        return self.output_dir / "train"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.train_dir / "metrics.json"
+
+    @property
+    def run_file(self) -> Path:
+        """The MLflow run id travels from train to validate and publish in this file."""
+        return self.train_dir / "mlflow_run.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.output_dir / "validation"
+
+    @property
+    def publish_dir(self) -> Path:
+        return self.output_dir / "publish"
+
+
+def layout_for(root: Path, output_dir: str) -> Layout:
+    out = Path(output_dir)
+    return Layout(out if out.is_absolute() else root / out)

@@ -1,0 +1,96 @@
+"""Loading FLUX.2 components from a hub id or a local diffusers folder, with the same code for both.
+
+Only the components a stage needs are loaded: text encoding loads no transformer or VAE, latent caching only the
+VAE, training only the transformer, validation everything but the text encoder (prompts come from the cache).
+The Hugging Face token is read by huggingface_hub from the environment or `huggingface-cli login`; it never
+passes through our params.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from .config import ModelParams
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pipeline_class(model: ModelParams):
+    import diffusers
+
+    return getattr(diffusers, model.flavour.pipeline_class)
+
+
+def _common(model: ModelParams) -> dict:
+    return dict(revision=model.revision, torch_dtype=torch_dtype(model.base_model_default_dtype))
+
+
+def load_text_pipeline(model: ModelParams, device: torch.device):
+    """The flavour's pipeline with only tokenizer + text encoder loaded (its `encode_prompt` is the reference)."""
+    pipe = pipeline_class(model).from_pretrained(model.model_path, transformer=None, vae=None, **_common(model))
+    pipe.text_encoder.to(device)
+    return pipe
+
+
+def load_vae(model: ModelParams, device: torch.device):
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).to(device).eval()
+
+
+def load_transformer(model: ModelParams, device: torch.device):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer", **_common(model)).to(device)
+
+
+def load_generation_pipeline(model: ModelParams, device: torch.device, with_text_encoder: bool = False):
+    """The full pipeline for image generation; without the text encoder unless asked (validation uses cached prompts)."""
+    extra = {} if with_text_encoder else dict(text_encoder=None, tokenizer=None)
+    pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def component_identity(model: ModelParams, component: str) -> str:
+    """A short string that changes whenever the weights of `component` change, for cache keys.
+
+    Hub ids: repo + revision + component. Local folders: the component's config plus the size and first MiB of each
+    weight file (different random seeds or fine-tunes differ there; hashing whole multi-GB files would cost minutes).
+    """
+    local = Path(model.model_path)
+    if not local.is_dir():
+        return f"{model.model_path}@{model.revision or 'main'}/{component}"
+    folder = local / component
+    h = hashlib.sha256()
+    for path in sorted(folder.glob("*")):
+        if path.suffix in (".json", ".safetensors", ".bin"):
+            h.update(path.name.encode())
+            h.update(str(path.stat().st_size).encode())
+            with open(path, "rb") as f:
+                h.update(f.read(1 << 20))
+    return f"local:{component}:{h.hexdigest()[:16]}"
+
+
+def describe_model(model: ModelParams) -> dict:
+    """The base model's identity for metadata and model cards."""
+    info = {"base_model": model.model_path, "revision": model.revision or "main", "flavour": model.model_flavour}
+    tiny_marker = Path(model.model_path) / "flux2lora_tiny.json"
+    if tiny_marker.exists():
+        info["tiny"] = json.loads(tiny_marker.read_text())
+    return info

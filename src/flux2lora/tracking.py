@@ -1,0 +1,90 @@
+"""MLflow tracking: one run per training, which validate and publish add to (its id travels in a file).
+
+Default store: `sqlite:///<project root>/mlflow.db` with artifacts in `<project root>/mlartifacts`;
+`MLFLOW_TRACKING_URI` (or `tracking.tracking_uri`) points elsewhere, e.g. a team's tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from .config import Params, default_tracking_uri
+from .io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(params: Params, root: Path) -> str:
+    return params.tracking.tracking_uri or default_tracking_uri(root)
+
+
+def configure(params: Params, root: Path):
+    """Point mlflow at the configured store and make sure the experiment exists; returns the mlflow module."""
+    import mlflow
+
+    uri = tracking_uri(params, root)
+    mlflow.set_tracking_uri(uri)
+    name = params.tracking.experiment_name
+    if mlflow.get_experiment_by_name(name) is None:
+        # A local sqlite store keeps artifacts beside it; a server decides its own artifact root.
+        location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except Exception:  # created concurrently by another process
+            if mlflow.get_experiment_by_name(name) is None:
+                raise
+    mlflow.set_experiment(name)
+    return mlflow
+
+
+def git_commit(root: Path) -> str:
+    """HEAD's sha, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def dataset_dvc_hash(root: Path, data_dir: str) -> str:
+    """The DVC hash of the dataset folder: from `<dir>.dvc` when tracked with `dvc add`, else from the prepare
+    stage's dependency in dvc.lock; "untracked" when DVC does not know it."""
+    data_dir = data_dir.rstrip("/")
+    dvc_file = root / f"{data_dir}.dvc"
+    if dvc_file.exists():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs", [])
+        if outs and outs[0].get("md5"):
+            return outs[0]["md5"]
+    lock = root / "dvc.lock"
+    if lock.exists():
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        for dep in stages.get("prepare", {}).get("deps", []):
+            if dep.get("path", "").rstrip("/") == data_dir and dep.get("md5"):
+                return dep["md5"]
+    return "untracked"
+
+
+def read_run_id(run_file: Path) -> str:
+    if not run_file.exists():
+        raise FileNotFoundError(f"{run_file} is missing: run the train stage first (it opens the MLflow run)")
+    return json.loads(run_file.read_text())["run_id"]
+
+
+def write_run_file(run_file: Path, run) -> None:
+    write_json_atomic(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                                 "run_name": run.info.run_name})
+
+
+def log_params_flat(mlflow, params: Params) -> None:
+    flat = {k: ("" if v is None else v) for k, v in params.flat().items()}
+    items = list(flat.items())
+    for start in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
+        mlflow.log_params(dict(items[start:start + 90]))

@@ -1,0 +1,84 @@
+"""Training checkpoints: the LoRA, optimizer, LR schedule and every RNG state, so a resumed run continues exactly.
+
+A checkpoint folder `step-000123/` appears only once complete (written under a temporary name, then renamed), and
+carries the fingerprint of the run it belongs to: a checkpoint from a run with other data or hyperparameters is
+never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step-"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    step: int
+    state: dict
+
+    @property
+    def lora(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path / "lora.safetensors"))
+
+    def training_state(self) -> dict:
+        return torch.load(self.path / "training_state.pt", map_location="cpu", weights_only=False)
+
+
+def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], training_state: dict, info: dict,
+                    keep: int | None) -> Path:
+    """Write checkpoint `step` under `folder`, then delete the oldest beyond `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:06d}"
+    tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(lora, str(tmp / "lora.safetensors"))
+    torch.save(training_state, tmp / "training_state.pt")
+    (tmp / "state.json").write_text(json.dumps({**info, "step": step}, indent=2, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for old in list_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Checkpoint]:
+    """Complete checkpoints, oldest first (half-written `.tmp-*` folders are ignored)."""
+    out = []
+    if not folder.exists():
+        return out
+    for path in folder.glob(f"{PREFIX}*"):
+        try:
+            state = json.loads((path / "state.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if (path / "lora.safetensors").exists() and (path / "training_state.pt").exists():
+            out.append(Checkpoint(path, int(state["step"]), state))
+    return sorted(out, key=lambda c: c.step)
+
+
+def latest_matching(folder: Path, fingerprint: str) -> Checkpoint | None:
+    """The newest checkpoint of the run with this fingerprint; older runs' checkpoints are logged and removed."""
+    checkpoints = list_checkpoints(folder)
+    stale = [c for c in checkpoints if c.state.get("fingerprint") != fingerprint]
+    for c in stale:
+        log.warning("removing checkpoint %s: it belongs to a run with other data or params", c.path.name)
+        shutil.rmtree(c.path, ignore_errors=True)
+    for tmp in folder.glob(f".tmp-{PREFIX}*") if folder.exists() else []:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
+    matching = [c for c in checkpoints if c not in stale]
+    return matching[-1] if matching else None

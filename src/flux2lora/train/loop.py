@@ -1,0 +1,241 @@
+"""The `train` stage: LoRA on the FLUX.2 transformer from cached latents and prompt embeddings.
+
+Flow matching: x_t = (1 - sigma) * x0 + sigma * noise, the model predicts noise - x0, MSE loss. Everything random
+(data order, noise, sigma, guidance, caption dropout) comes from generators whose state is checkpointed, so a run
+resumed from a checkpoint ends with the same LoRA as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import tracking
+from ..cache.latents import read_latent_index
+from ..cache.store import TensorStore
+from ..cache.text import read_text_index
+from ..config import Params, TrainParams
+from ..io import write_json_atomic
+from ..latents import pack, target_ids, text_ids
+from ..layout import layout_for
+from ..models import component_identity, describe_model, load_transformer, pipeline_class, resolve_device, torch_dtype
+from .checkpoint import latest_matching, save_checkpoint
+from .lora import add_lora, load_lora_state_dict, lora_state_dict, save_diffusers_lora, target_modules
+
+log = logging.getLogger(__name__)
+
+# Params that change how a run is observed or saved, not what it computes: editing them keeps checkpoints valid.
+NON_COMPUTING = {"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "log_every_n_steps"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Sample:
+    image_id: str
+    latent_key: str
+    text_key: str
+
+
+def load_samples(layout) -> tuple[list[Sample], str]:
+    """Training samples: images with both a cached latent and a cached caption embedding. Also the empty-prompt key."""
+    latent_index = read_latent_index(layout)
+    text_index = read_text_index(layout)
+    captions = text_index["captions"]
+    samples = [Sample(i, k, captions[i]) for i, k in sorted(latent_index["images"].items()) if i in captions]
+    if not samples:
+        raise ValueError("train: no image has both a cached latent and a caption embedding; re-run the encode stages")
+    return samples, text_index["empty"]
+
+
+def fingerprint(params: Params, layout) -> str:
+    """Identity of what this run computes: train params, model, and the exact cached inputs."""
+    train = {k: v for k, v in params.train.model_dump().items() if k not in NON_COMPUTING}
+    h = hashlib.sha256(json.dumps({"train": train, "model": params.model.model_dump(),
+                                   "transformer": component_identity(params.model, "transformer")},
+                                  sort_keys=True).encode())
+    h.update((layout.latents_dir / "index.json").read_bytes())
+    h.update((layout.text_embeds_dir / "index.json").read_bytes())
+    return h.hexdigest()[:20]
+
+
+def sample_sigmas(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """sigma in (0, 1) per sample: diffusers' density sampling, then the shift s*sigma / (1 + (s-1)*sigma)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(cfg.weighting_scheme, batch, logit_mean=cfg.logit_mean,
+                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                              generator=generator)
+    s = cfg.timestep_shift
+    return (s * u / (1 + (s - 1) * u)).clamp(1e-5, 1.0)
+
+
+def guidance_values(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """dev's distilled-guidance input per sample: constant, or uniform in [min, max] drawn per sample."""
+    if cfg.flux_guidance_mode == "random-range":
+        u = torch.rand(batch, generator=generator)
+        return cfg.flux_guidance_min + u * (cfg.flux_guidance_max - cfg.flux_guidance_min)
+    return torch.full((batch,), float(cfg.flux_guidance_value))
+
+
+def warn_if_guidance_ignored(params: Params) -> None:
+    cfg, defaults = params.train, TrainParams()
+    keys = ("flux_guidance_mode", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max")
+    changed = [k for k in keys if getattr(cfg, k) != getattr(defaults, k)]
+    if changed and not params.model.flavour.guidance_embeds:
+        warnings.warn(f"{params.model.model_flavour} has no guidance embedder: {', '.join(changed)} "
+                      "is ignored (only dev trains with distilled guidance)", UserWarning, stacklevel=2)
+
+
+class Batches:
+    """Deterministic batches: epoch e is a permutation drawn from seed + e, so step k's batch is a pure function
+    of (seed, k) and needs no state to resume."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int):
+        if batch_size > len(samples):
+            raise ValueError(f"train.train_batch_size={batch_size} is larger than the dataset ({len(samples)} "
+                             "images); lower it or add images")
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
+        self.per_epoch = len(samples) // batch_size  # last partial batch dropped: every batch has one shape
+
+    def at(self, step: int) -> list[Sample]:
+        epoch, index = divmod(step, self.per_epoch)
+        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        picked = order[index * self.batch_size:(index + 1) * self.batch_size]
+        return [self.samples[i] for i in picked.tolist()]
+
+
+def train(params: Params, root: Path) -> dict:
+    """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json."""
+    cfg = params.train
+    layout = layout_for(root, params.output_dir)
+    device = resolve_device(params.model.device)
+    samples, empty_key = load_samples(layout)
+    latent_store, text_store = TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir)
+    batches = Batches(samples, cfg.train_batch_size, cfg.seed)
+    run_fingerprint = fingerprint(params, layout)
+    warn_if_guidance_ignored(params)
+
+    torch.manual_seed(cfg.seed)
+    transformer = load_transformer(params.model, device)
+    transformer.requires_grad_(False)
+    targets = target_modules(transformer, cfg.flux_lora_target)
+    lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+
+    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+                                  fused=device.type == "cuda")
+    from diffusers.optimization import get_scheduler
+
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=cfg.max_train_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    noise_generator = torch.Generator().manual_seed(cfg.seed)  # CPU: identical draws on every device
+
+    start_step, run_id = 0, None
+    resumed = latest_matching(layout.checkpoints_dir, run_fingerprint) if cfg.resume_from_checkpoint else None
+    if resumed is not None:
+        load_lora_state_dict(transformer, resumed.lora)
+        state = resumed.training_state()
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        noise_generator.set_state(state["noise_generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step, run_id = resumed.step, resumed.state.get("mlflow_run_id")
+        log.info("resuming from checkpoint %s (step %d of %d)", resumed.path.name, start_step, cfg.max_train_steps)
+
+    mlflow = tracking.configure(params, root)
+    model_info = describe_model(params.model)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name) as run:
+        if run_id is None:
+            tracking.log_params_flat(mlflow, params)
+            mlflow.set_tags({"git_commit": tracking.git_commit(root),
+                             "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.instance_data_dir),
+                             "flavour": params.model.model_flavour, "base_model": params.model.model_path,
+                             "lora_targets": cfg.flux_lora_target, "num_lora_modules": len(targets)})
+        mlflow.set_tag("resumed_from_step", start_step)
+        losses, last_loss, step_time = [], float("nan"), 0.0
+        progress = tqdm(range(start_step, cfg.max_train_steps), desc="train", unit="step", initial=start_step,
+                        total=cfg.max_train_steps)
+        for step in progress:
+            t0 = time.perf_counter()
+            batch = batches.at(step)
+            x0 = torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch]).to(device, torch.float32)
+            use_empty = torch.rand(len(batch), generator=noise_generator) < cfg.caption_dropout_probability
+            prompt_embeds = torch.stack([text_store.get(empty_key if drop else s.text_key)["prompt_embeds"]
+                                         for s, drop in zip(batch, use_empty.tolist())]).to(device)
+            noise = torch.randn(x0.shape, generator=noise_generator).to(device)
+            sigmas = sample_sigmas(cfg, len(batch), noise_generator).to(device)
+            guidance = guidance_values(cfg, len(batch), noise_generator).to(device) \
+                if params.model.flavour.guidance_embeds else None
+            s = sigmas.view(-1, 1, 1, 1)
+            noisy = (1.0 - s) * x0 + s * noise
+            model_dtype = transformer.dtype
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                prediction = transformer(hidden_states=pack(noisy).to(model_dtype),
+                                         encoder_hidden_states=prompt_embeds.to(model_dtype),
+                                         timestep=sigmas.to(model_dtype), guidance=guidance,
+                                         img_ids=target_ids(noisy).to(device), txt_ids=text_ids(prompt_embeds).to(device),
+                                         return_dict=False)[0]
+            loss = torch.nn.functional.mse_loss(prediction.float(), pack(noise - x0).float())
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"train: loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint in "
+                    f"{layout.checkpoints_dir} is kept: lower train.learning_rate or set train.max_grad_norm, then "
+                    "re-run to resume from it")
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                                       else float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_time = time.perf_counter() - t0
+            last_loss = loss.item()
+            losses.append(last_loss)
+            done = step + 1
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if done % cfg.log_every_n_steps == 0 or done == cfg.max_train_steps:
+                mlflow.log_metrics({"loss": last_loss, "learning_rate": scheduler.get_last_lr()[0],
+                                    "grad_norm": float(grad_norm), "step_time_s": step_time}, step=done)
+            if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
+                save_checkpoint(layout.checkpoints_dir, done, lora_state_dict(transformer),
+                                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                 "scaler": scaler.state_dict(), "noise_generator": noise_generator.get_state(),
+                                 "torch_rng": torch.get_rng_state()},
+                                {"fingerprint": run_fingerprint, "mlflow_run_id": run.info.run_id, "loss": last_loss},
+                                keep=cfg.checkpoints_total_limit)
+
+        metadata = {**model_info, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
+                    "targets": cfg.flux_lora_target, "steps": cfg.max_train_steps,
+                    "trigger_phrase": params.publish.trigger_phrase,
+                    "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.instance_data_dir),
+                    "mlflow_run_id": run.info.run_id}
+        lora_file = save_diffusers_lora(transformer, pipeline_class(params.model), layout.lora_dir, metadata)
+        mlflow.log_artifact(str(lora_file), artifact_path="lora")
+        metrics = {"final_loss": last_loss, "steps": cfg.max_train_steps, "resumed_from_step": start_step,
+                   "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                   "lora_modules": len(targets), "last_step_time_s": step_time}
+        mlflow.log_metrics({"final_loss": last_loss})
+        write_json_atomic(layout.train_metrics, metrics)
+        tracking.write_run_file(layout.run_file, run)
+    log.info("train: LoRA written to %s (final loss %.4f)", lora_file, last_loss)
+    return {**metrics, "lora_file": str(lora_file), "mlflow_run_id": run.info.run_id,
+            "mean_first_losses": sum(losses[:5]) / max(1, len(losses[:5])) if losses else math.nan}

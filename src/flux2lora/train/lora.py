@@ -1,0 +1,99 @@
+"""LoRA targets inside `Flux2Transformer2DModel` and the diffusers-format LoRA file.
+
+Targets are exact module paths (`transformer_blocks.0.attn.to_q`), never bare suffixes: a bare `to_out` would also
+match the double blocks' `attn.to_out` ModuleList, which peft refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+# Double-stream blocks: separate image (to_*) and text (add_*) projections and feed-forwards.
+DOUBLE_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
+DOUBLE_QKV = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+DOUBLE_MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out"]
+# Single-stream blocks fuse attention and MLP: to_qkv_mlp_proj computes q, k, v and the MLP input in one Linear and
+# to_out projects the concatenated attention and MLP outputs. They cannot be split, so both the `attention` and the
+# `mlp` presets include them.
+SINGLE_FUSED = ["attn.to_qkv_mlp_proj", "attn.to_out"]
+SINGLE_QKV = ["attn.to_qkv_mlp_proj"]
+
+PRESETS = {
+    "all": (DOUBLE_ATTENTION + DOUBLE_MLP, SINGLE_FUSED),
+    "attention": (DOUBLE_ATTENTION, SINGLE_FUSED),
+    "mlp": (DOUBLE_MLP, SINGLE_FUSED),
+    "tiny": (DOUBLE_QKV, SINGLE_QKV),
+}
+
+
+def target_modules(transformer, preset: str = "all") -> list[str]:
+    """Exact module paths selected by a preset on this transformer (its block counts decide the list)."""
+    if preset not in PRESETS:
+        raise ValueError(f"flux_lora_target: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    double, single = PRESETS[preset]
+    n_double = len(transformer.transformer_blocks)
+    n_single = len(transformer.single_transformer_blocks)
+    return ([f"transformer_blocks.{i}.{m}" for i in range(n_double) for m in double]
+            + [f"single_transformer_blocks.{i}.{m}" for i in range(n_single) for m in single])
+
+
+def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str]):
+    """Attach a peft LoRA adapter ("default") and return its trainable parameters (kept in fp32)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                        init_lora_weights="gaussian", target_modules=targets)
+    transformer.add_adapter(config)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()  # fp32 master weights for the adapter, whatever the frozen base's dtype
+    return params
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """The adapter's weights in peft naming (`transformer_blocks.0.attn.to_q.lora_A.weight`), on CPU."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def load_lora_state_dict(transformer, state: dict[str, torch.Tensor]) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(transformer, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"checkpoint LoRA has keys this model lacks: {unexpected[:5]}")
+
+
+def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata: dict[str, str]) -> Path:
+    """Write `pytorch_lora_weights.safetensors` in the diffusers format (keys `transformer.<module>.lora_A/B.weight`,
+    `lora_adapter_metadata`), with our own metadata (base model, flavour, steps, ...) added under `flux2lora.*`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(transformer),
+                                   transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+    path = folder / "pytorch_lora_weights.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata.update({f"flux2lora.{k}": str(v) for k, v in extra_metadata.items()})
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def lora_config_of(path: Path) -> dict:
+    return json.loads(read_lora_metadata(path).get("lora_adapter_metadata", "{}"))
