@@ -36,7 +36,7 @@ def pipeline_class(model: ModelParams):
 
 
 def _common(model: ModelParams) -> dict:
-    return dict(revision=model.revision, torch_dtype=torch_dtype(model.base_model_default_dtype))
+    return dict(revision=model.revision, dtype=torch_dtype(model.base_model_default_dtype))
 
 
 def load_text_pipeline(model: ModelParams, device: torch.device):

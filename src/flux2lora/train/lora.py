@@ -83,7 +83,7 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    metadata.update({f"flux2lora.{k}": str(v) for k, v in extra_metadata.items()})
+    metadata.update({f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -96,4 +96,6 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 
 
 def lora_config_of(path: Path) -> dict:
-    return json.loads(read_lora_metadata(path).get("lora_adapter_metadata", "{}"))
+    """The peft LoraConfig stored in a diffusers-format file (diffusers prefixes its keys with `transformer.`)."""
+    raw = json.loads(read_lora_metadata(path).get("lora_adapter_metadata", "{}"))
+    return {k.removeprefix("transformer."): v for k, v in raw.items()}

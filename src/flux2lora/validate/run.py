@@ -38,16 +38,19 @@ def generate_images(pipe, params: Params, prompt_embeds: torch.Tensor, negative_
 
 def labelled_grid(rows: list[tuple[str, list[Image.Image]]], column_titles: list[str]) -> Image.Image:
     """A grid with one row per prompt and a text label above every column."""
-    cell_w = max(img.width for _, imgs in rows for img in imgs)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cell_w = max([img.width for _, imgs in rows for img in imgs]
+                 + [int(measure.textlength(t)) + 8 for t in column_titles])
     cell_h = max(img.height for _, imgs in rows for img in imgs)
-    label_h, label_w = 14, max(120, cell_w)
+    label_h = 14
+    label_w = max(int(measure.textlength(name)) + 8 for name, _ in rows)
     grid = Image.new("RGB", (label_w + cell_w * len(column_titles), label_h + len(rows) * (cell_h + label_h)), "white")
     draw = ImageDraw.Draw(grid)
     for c, title in enumerate(column_titles):
         draw.text((label_w + c * cell_w + 2, 1), title, fill="black")
     for r, (name, images) in enumerate(rows):
         y = label_h + r * (cell_h + label_h)
-        draw.text((2, y + cell_h // 2), name[:22], fill="black")
+        draw.text((2, y + cell_h // 2), name, fill="black")
         for c, img in enumerate(images):
             grid.paste(img, (label_w + c * cell_w, y))
     return grid

@@ -1,0 +1,26 @@
+"""Shared fixtures. Everything runs offline on tiny random FLUX.2 models: HF_HUB_OFFLINE is forced on."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project gets its own sqlite store
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers import make_project  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A demo project (tiny klein-4b, 8 generated images) on which all six stages ran in-process once."""
+    from flux2lora.stages import STAGES, run_stage
+
+    root = make_project(tmp_path_factory.mktemp("trained") / "project")
+    for name in STAGES:
+        run_stage(name, root / "params.yaml")
+    return root

@@ -1,0 +1,205 @@
+"""Real servers on loopback for end-to-end tests: a Prefect API server, a Prefect process worker, and the generic
+pieces (free ports, background processes with logs in files, bounded readiness waits) to add others (MLflow).
+
+Every process starts in its own session (process group) and the whole group is terminated on exit, also when the
+test fails; every wait is bounded and, on timeout, raises with the tail of the process's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from helpers import VENV_BIN, project_env
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServerError(RuntimeError):
+    """A background process did not come up (or died); the message carries its log tail."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port that was free a moment ago (the OS picks it; a tiny race remains, hence retries in callers)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def log_tail(path: Path, chars: int = 6000) -> str:
+    """The last `chars` characters of a log file ("" when it does not exist)."""
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except FileNotFoundError:
+        return ""
+
+
+class Background:
+    """A process started by `background()`: the Popen, its log file, and helpers to wait on it."""
+
+    def __init__(self, name: str, proc: subprocess.Popen, log: Path):
+        self.name, self.proc, self.log = name, proc, log
+
+    def tail(self, chars: int = 6000) -> str:
+        return log_tail(self.log, chars)
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise ServerError(f"{self.name} exited with code {self.proc.returncode}; log {self.log}:\n{self.tail()}")
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str, interval: float = 0.5) -> None:
+        """Poll `ready()` until it is true; raise with the log tail if the process dies or `timeout` passes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                if ready():
+                    return
+            except Exception:  # not up yet
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"{self.name}: {what} not reached within {timeout:.0f}s; log {self.log}:\n"
+                                  f"{self.tail()}")
+            time.sleep(interval)
+
+
+def _stop(proc: subprocess.Popen, first: int, grace: float) -> None:
+    """Signal the process group with `first`, then SIGTERM, then SIGKILL, each bounded by `grace` seconds."""
+    for sig in (first, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=grace)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # children the leader left behind (uvicorn workers, flow-run processes) belong to the same group
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait(timeout=10)
+
+
+@contextmanager
+def background(name: str, cmd: list[str], cwd: Path, env: dict, log: Path, stop_signal: int = signal.SIGTERM,
+               grace: float = 20) -> Iterator[Background]:
+    """Run `cmd` in its own process group with stdout+stderr in `log`; stop the whole group on exit."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab", buffering=0) as out:
+        out.write(f"$ {' '.join(map(str, cmd))}   (cwd {cwd})\n".encode())
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        yield Background(name, proc, log)
+    finally:
+        _stop(proc, stop_signal, grace)
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """True when GET `url` answers 2xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, ConnectionError, OSError):
+        return False
+
+
+def api_post(api_url: str, path: str, body: dict | None = None, timeout: float = 10.0):
+    """POST JSON to a REST API (e.g. Prefect's `/work_pools/NAME/workers/filter`); returns the decoded answer."""
+    request = urllib.request.Request(f"{api_url.rstrip('/')}/{path.lstrip('/')}",
+                                     data=json.dumps(body or {}).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+# --- Prefect ---------------------------------------------------------------------------------------------------
+
+PREFECT = str(VENV_BIN / "prefect")
+
+
+def prefect_env(home: Path, api_url: str | None = None, **extra) -> dict:
+    """Environment for Prefect processes (server, worker, CLI, flow runs): the project env, an isolated
+    PREFECT_HOME (no ~/.prefect profiles or database), no analytics, and PREFECT_API_URL when given."""
+    home = Path(home)
+    env = project_env(
+        PREFECT_HOME=str(home),
+        PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_CLI_PROMPT="false",
+        **extra,
+    )
+    # nothing from the caller's environment may point the processes at another server or profile
+    for key in ("PREFECT_API_KEY", "PREFECT_PROFILE"):
+        env.pop(key, None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    else:
+        env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@contextmanager
+def prefect_server(home: Path, timeout: float = 180, attempts: int = 3, **extra_env) -> Iterator[str]:
+    """`prefect server start` on 127.0.0.1 and a free port, with its own PREFECT_HOME and sqlite database in
+    `home`; yields the API URL (http://127.0.0.1:PORT/api) once /api/health answers. Log: home/server.log."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        api_url = f"http://{LOOPBACK}:{port}/api"
+        env = prefect_env(
+            home, api_url,
+            PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            PREFECT_SERVER_API_HOST=LOOPBACK,
+            PREFECT_SERVER_API_PORT=str(port),
+            **extra_env,
+        )
+        log = home / "server.log"
+        with background("prefect server", [PREFECT, "server", "start", "--host", LOOPBACK, "--port", str(port)],
+                        cwd=home, env=env, log=log, stop_signal=signal.SIGTERM) as server:
+            try:
+                server.wait_until(lambda: http_ok(f"{api_url}/health"), timeout, f"{api_url}/health")
+            except ServerError:
+                # lost the race for the port to another process: try another one
+                if attempt < attempts and "address already in use" in server.tail().lower():
+                    continue
+                raise
+            yield api_url
+            return
+
+
+@contextmanager
+def prefect_worker(pool: str, api_url: str, cwd: Path, env: dict, log: Path, timeout: float = 120,
+                   worker_type: str = "process") -> Iterator[Background]:
+    """`prefect worker start --pool POOL --type process` in the background (log in `log`), ready once it has
+    registered with the server; stopped with SIGINT (graceful), then the process group is terminated."""
+    env = dict(env, PREFECT_API_URL=api_url)
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")  # pick scheduled runs up quickly
+    env.setdefault("PREFECT_WORKER_HEARTBEAT_SECONDS", "5")
+    name = f"test-worker-{os.getpid()}-{free_port()}"
+    cmd = [PREFECT, "worker", "start", "--pool", pool, "--type", worker_type, "--name", name]
+    with background("prefect worker", cmd, cwd=cwd, env=env, log=log, stop_signal=signal.SIGINT) as worker:
+
+        def registered() -> bool:
+            workers = api_post(api_url, f"work_pools/{pool}/workers/filter", {})
+            return any(w.get("name") == name for w in workers or [])
+
+        worker.wait_until(registered, timeout, f"worker {name} registered in pool {pool}", interval=1.0)
+        yield worker
