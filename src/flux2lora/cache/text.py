@@ -1,7 +1,8 @@
 """The `encode-text` stage: prompt embeddings of captions, validation prompts and the empty prompt, cached.
 
-Embeddings are what the flavour's diffusers pipeline computes in `encode_prompt`: (512, 3*D) per prompt, all
-padded positions kept (the transformer sees them; there is no attention mask). Identical prompts are encoded once.
+Embeddings equal what the flavour's diffusers pipeline computes in `encode_prompt` (see text_encoding.py; the
+encoder is cut after its deepest stacked layer): (512, 3*D) per prompt, all padded positions kept (the
+transformer sees them; there is no attention mask). Identical prompts are encoded once.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from ..config import Params
 from ..data.prepare import read_jsonl
 from ..io import write_json_atomic
 from ..layout import layout_for
-from ..models import component_identity, load_text_pipeline, resolve_device, torch_dtype
+from ..models import component_identity, resolve_device, torch_dtype
 from ..prompts import load_prompt_library
+from ..text_encoding import PromptEncoder
 from .store import TensorStore, content_key
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,10 @@ def text_layers(params: Params) -> tuple[int, ...]:
 
 def text_key(params: Params, prompt: str, encoder_identity: str) -> str:
     cfg = params.encode_text
+    precision = cfg.text_encoder_1_precision or params.model.base_model_default_dtype
     return content_key(kind="text", prompt=prompt, flavour=params.model.model_flavour, layers=text_layers(params),
                        max_sequence_length=cfg.max_sequence_length, encoder=encoder_identity,
-                       dtype=cfg.cache_dtype)
+                       precision=precision, dtype=cfg.cache_dtype)
 
 
 def encode_text(params: Params, root: Path) -> dict:
@@ -57,18 +60,18 @@ def encode_text(params: Params, root: Path) -> dict:
     log.info("encode-text: %d unique prompts, %d cached, %d to encode", len(by_key), len(by_key) - len(todo), len(todo))
     if todo:
         device = resolve_device(params.model.device)
-        pipe = load_text_pipeline(params.model, device)
+        encoder = PromptEncoder.from_pretrained(params.model, text_layers(params), cfg.max_sequence_length, device,
+                                                precision=cfg.text_encoder_1_precision,
+                                                truncate=cfg.truncate_text_encoder)
         store_dtype = torch_dtype(cfg.cache_dtype)
-        with torch.inference_mode(), tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
+        with tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
             for start in range(0, len(todo), cfg.write_batch_size):
                 chunk = todo[start:start + cfg.write_batch_size]
-                embeds, _ = pipe.encode_prompt([p for _, p in chunk], device=device,
-                                               max_sequence_length=cfg.max_sequence_length,
-                                               text_encoder_out_layers=text_layers(params))
+                embeds = encoder.encode([p for _, p in chunk])
                 for (key, _), emb in zip(chunk, embeds):
                     store.put(key, {"prompt_embeds": emb.to(store_dtype)})
                 bar.update(len(chunk))
-        del pipe
+        del encoder
     pruned = store.prune(set(by_key))
     index = {"captions": caption_keys, "prompts": prompt_keys, "prompt_texts": library, "empty": empty_key,
              "layers": list(text_layers(params)), "encoder": identity}
