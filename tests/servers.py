@@ -72,8 +72,20 @@ class Background:
             time.sleep(interval)
 
 
+def _descendants(pid: int) -> list:
+    """The process's descendants (psutil.Process objects; [] when psutil is missing or the process is gone)."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:
+        return []
+
+
 def _stop(proc: subprocess.Popen, first: int, grace: float) -> None:
-    """Signal the process group with `first`, then SIGTERM, then SIGKILL, each bounded by `grace` seconds."""
+    """Signal the process group with `first`, then SIGTERM, then SIGKILL, each bounded by `grace` seconds; then end
+    descendants that left the group (Prefect starts flow-run processes in sessions of their own)."""
+    children = {p.pid: p for p in _descendants(proc.pid)}
     for sig in (first, signal.SIGTERM, signal.SIGKILL):
         if proc.poll() is not None:
             break
@@ -81,18 +93,34 @@ def _stop(proc: subprocess.Popen, first: int, grace: float) -> None:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
+        children.update({p.pid: p for p in _descendants(proc.pid)})
         try:
             proc.wait(timeout=grace)
             break
         except subprocess.TimeoutExpired:
             continue
-    # children the leader left behind (uvicorn workers, flow-run processes) belong to the same group
+    # whatever the leader left behind in its group (uvicorn workers, ...)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
     if proc.poll() is None:
         proc.wait(timeout=10)
+    if children:
+        import psutil
+
+        alive = [p for p in children.values() if p.is_running()]
+        for p in alive:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=min(grace, 10))
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
 
 
 @contextmanager
@@ -126,6 +154,12 @@ def api_post(api_url: str, path: str, body: dict | None = None, timeout: float =
                                      data=json.dumps(body or {}).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read() or b"null")
+
+
+def api_get(api_url: str, path: str, timeout: float = 10.0):
+    """GET from a REST API; returns the decoded JSON answer (raises urllib.error.HTTPError on 4xx/5xx)."""
+    with urllib.request.urlopen(f"{api_url.rstrip('/')}/{path.lstrip('/')}", timeout=timeout) as response:
         return json.loads(response.read() or b"null")
 
 
@@ -169,6 +203,7 @@ def prefect_server(home: Path, timeout: float = 180, attempts: int = 3, **extra_
             PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             PREFECT_SERVER_API_HOST=LOOPBACK,
             PREFECT_SERVER_API_PORT=str(port),
+            PWD=str(home),
             **extra_env,
         )
         log = home / "server.log"
@@ -186,13 +221,18 @@ def prefect_server(home: Path, timeout: float = 180, attempts: int = 3, **extra_
 
 
 @contextmanager
-def prefect_worker(pool: str, api_url: str, cwd: Path, env: dict, log: Path, timeout: float = 120,
+def prefect_worker(pool: str, api_url: str, cwd: Path, env: dict, log: Path | None = None, timeout: float = 120,
                    worker_type: str = "process") -> Iterator[Background]:
-    """`prefect worker start --pool POOL --type process` in the background (log in `log`), ready once it has
-    registered with the server; stopped with SIGINT (graceful), then the process group is terminated."""
-    env = dict(env, PREFECT_API_URL=api_url)
-    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")  # pick scheduled runs up quickly
-    env.setdefault("PREFECT_WORKER_HEARTBEAT_SECONDS", "5")
+    """`prefect worker start --pool POOL --type process` in the background (log in `log`, default
+    cwd/worker-POOL.log), ready once it has registered with the server; stopped with SIGINT (graceful), then its
+    process group and the flow-run processes it started are terminated. `env`: e.g. prefect_env(home)."""
+    log = Path(log) if log else Path(cwd) / f"worker-{pool}.log"
+    # PWD as the worker's real directory: an inherited PWD (the test runner's, often the repository checkout) must
+    # never be where a flow run ends up if a deployment's "{{ $PWD }}" is resolved at run time
+    env = dict(env, PREFECT_API_URL=api_url, PWD=str(cwd))
+    # pick scheduled runs up within 2 s (default 10 s); each poll is a write to the server's sqlite database, so
+    # not every second
+    env.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
     name = f"test-worker-{os.getpid()}-{free_port()}"
     cmd = [PREFECT, "worker", "start", "--pool", pool, "--type", worker_type, "--name", name]
     with background("prefect worker", cmd, cwd=cwd, env=env, log=log, stop_signal=signal.SIGINT) as worker:
@@ -203,3 +243,39 @@ def prefect_worker(pool: str, api_url: str, cwd: Path, env: dict, log: Path, tim
 
         worker.wait_until(registered, timeout, f"worker {name} registered in pool {pool}", interval=1.0)
         yield worker
+
+
+class PrefectAPI:
+    """The few reads the tests need from Prefect's REST API, without importing prefect into the test process
+    (importing it creates ~/.prefect and reads the user's profiles)."""
+
+    def __init__(self, api_url: str):
+        self.url = api_url
+
+    def work_pool_exists(self, name: str) -> bool:
+        try:
+            api_get(self.url, f"work_pools/{name}")
+            return True
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return False
+            raise
+
+    def flow_run(self, flow_run_id: str) -> dict:
+        return api_get(self.url, f"flow_runs/{flow_run_id}")
+
+    def task_runs(self, flow_run_id: str) -> list[dict]:
+        return self._all("task_runs/filter",
+                         {"flow_runs": {"id": {"any_": [flow_run_id]}}, "sort": "EXPECTED_START_TIME_ASC"})
+
+    def logs(self, flow_run_id: str) -> list[dict]:
+        return self._all("logs/filter",
+                         {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "sort": "TIMESTAMP_ASC"})
+
+    def _all(self, path: str, body: dict, page: int = 200) -> list[dict]:
+        items: list[dict] = []
+        while True:
+            batch = api_post(self.url, path, dict(body, limit=page, offset=len(items)))
+            items.extend(batch)
+            if len(batch) < page:
+                return items
