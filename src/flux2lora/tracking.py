@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -28,7 +29,15 @@ def configure(params: Params, root: Path):
     import mlflow
 
     uri = tracking_uri(params, root)
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI into this process's environment; left there, the
+    # next project configured in the same process (a flow, a test session) would read it back as the user's
+    # choice and log into this project's store. Keep the environment as the user set it.
+    user_value = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    if user_value is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user_value
     name = params.tracking.experiment_name
     if mlflow.get_experiment_by_name(name) is None:
         # A local sqlite store keeps artifacts beside it; a server decides its own artifact root.

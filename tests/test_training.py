@@ -1,0 +1,136 @@
+"""The training engine's guarantees: exact LoRA targets, exact resume after SIGKILL, a clear stop on NaN."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from diffusers import Flux2Transformer2DModel
+from safetensors.torch import load_file
+
+from flux2lora.flavours import get_flavour
+from flux2lora.stages import run_stage
+from flux2lora.train.lora import PRESETS, target_modules
+from flux2lora.train.loop import TrainingDiverged
+
+DOUBLE_ALL = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+              "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
+              "ff_context.linear_out"]
+
+
+def _expected(preset: str, n_double: int, n_single: int) -> set[str]:
+    double = {"all": DOUBLE_ALL, "attention": DOUBLE_ALL[:8], "mlp": DOUBLE_ALL[8:],
+              "tiny": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
+                       "attn.add_v_proj"]}[preset]
+    single = ["attn.to_qkv_mlp_proj"] if preset == "tiny" else ["attn.to_qkv_mlp_proj", "attn.to_out"]
+    return ({f"transformer_blocks.{i}.{m}" for i in range(n_double) for m in double}
+            | {f"single_transformer_blocks.{i}.{m}" for i in range(n_single) for m in single})
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("flavour", ["tiny-klein-4b", "tiny-klein-9b", "tiny-dev"])
+def test_each_preset_selects_exactly_its_modules_and_peft_wraps_exactly_those(flavour, preset):
+    config = get_flavour(flavour).full_transformer_config
+    model = Flux2Transformer2DModel(**config)
+    targets = target_modules(model, preset)
+    assert set(targets) == _expected(preset, config["num_layers"], config["num_single_layers"])
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=2, target_modules=targets))
+    wrapped = {name for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == set(targets)  # exact paths: a bare "to_out" would have caught the ModuleList too
+
+
+def test_real_flavour_presets_have_the_documented_module_counts():
+    """The module lists at real size, from the real block counts (no weights needed: the meta device)."""
+    counts = {}
+    for name in ("klein-4b", "klein-9b", "dev"):
+        with torch.device("meta"):
+            model = Flux2Transformer2DModel(**get_flavour(name).full_transformer_config)
+        counts[name] = {p: len(target_modules(model, p)) for p in PRESETS}
+    assert counts["klein-4b"] == {"all": 5 * 12 + 20 * 2, "attention": 5 * 8 + 20 * 2, "mlp": 5 * 4 + 20 * 2,
+                                  "tiny": 5 * 6 + 20}
+    assert counts["dev"]["all"] == 8 * 12 + 48 * 2
+    assert counts["klein-9b"]["tiny"] == 8 * 6 + 24
+
+
+def _encoded(tmp_path, name, **params):
+    from helpers import make_project
+
+    root = make_project(tmp_path / name, git=False, images=6,
+                        **{"train.max_train_steps": 20, "train.checkpointing_steps": 5, "train.train_batch_size": 2,
+                           "train.checkpoints_total_limit": 2, **params})
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, root / "params.yaml")
+    return root
+
+
+# Long enough that the kill lands mid-run (polling every few ms), short enough for CI.
+LONG = {"train.max_train_steps": 200}
+
+
+def test_training_killed_with_sigkill_and_resumed_ends_with_the_same_lora(tmp_path):
+    """Bitwise on CPU: data order is a function of (seed, step); noise, sigma and dropout generators, optimizer
+    and LR schedule states are restored from the checkpoint."""
+    from helpers import project_env
+
+    uninterrupted = _encoded(tmp_path, "straight", **LONG)
+    run_stage("train", uninterrupted / "params.yaml")
+
+    killed = _encoded(tmp_path, "killed", **LONG)
+    proc = subprocess.Popen([sys.executable, "-m", "flux2lora.cli", "stage", "train"], cwd=killed, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoint = killed / "outputs/checkpoints/step-000010"
+    deadline = time.monotonic() + 180
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    assert checkpoint.exists(), "training never reached its step-10 checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "outputs/lora/pytorch_lora_weights.safetensors").exists()
+
+    summary = run_stage("train", killed / "params.yaml")
+    assert summary["resumed_from_step"] >= 10
+    a = load_file(str(uninterrupted / "outputs/lora/pytorch_lora_weights.safetensors"))
+    b = load_file(str(killed / "outputs/lora/pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_keep_only_the_newest_and_belong_to_their_run(tmp_path):
+    root = _encoded(tmp_path, "p")
+    run_stage("train", root / "params.yaml")
+    names = sorted(p.name for p in (root / "outputs/checkpoints").iterdir())
+    assert names == ["step-000010", "step-000015"]  # limit 2; no checkpoint of the final step (the LoRA is)
+    from helpers import set_params
+
+    set_params(root, **{"train.learning_rate": 0.5})
+    summary = run_stage("train", root / "params.yaml")
+    assert summary["resumed_from_step"] == 0  # other params: the old run's checkpoints are not resumed
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    from flux2lora.cache.store import TensorStore
+
+    root = _encoded(tmp_path, "p", **{"train.max_train_steps": 40})
+    index = json.loads((root / "outputs/latents/index.json").read_text())
+    store = TensorStore(root / "outputs/latents")
+    # One damaged cache entry: training reaches it at some step after the first checkpoint.
+    victim = sorted(index["images"].values())[0]
+    latents = store.get(victim)["latents"]
+    latents[0, 0, 0] = float("nan")
+    store.put(victim, {"latents": latents})
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step \d+.*last good checkpoint"):
+        run_stage("train", root / "params.yaml")
+    checkpoints = list((root / "outputs/checkpoints").glob("step-*"))
+    assert not (root / "outputs/lora/pytorch_lora_weights.safetensors").exists()
+    for checkpoint in checkpoints:
+        state = load_file(str(checkpoint / "lora.safetensors"))
+        assert all(torch.isfinite(t).all() for t in state.values())
