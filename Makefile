@@ -6,7 +6,7 @@ PYTHON ?= python3
 # The demo and the tests run fully offline on a tiny random model built here.
 OFFLINE := HF_HUB_OFFLINE=1 DVC_NO_ANALYTICS=1 PREFECT_HOME=$(CURDIR)/.prefect PATH=$(CURDIR)/$(BIN):$$PATH
 
-.PHONY: install demo test services-note clean-demo
+.PHONY: install demo test services services-status services-down services-note clean-demo
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,17 @@ demo: install models/tiny-klein-4b/model_index.json data/demo/shape_000.png
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# A local Prefect server (:4200), process worker and MLflow server (:5000) in the background, on loopback; pids,
+# ports and logs in .services/. Prints the URLs and `export PREFECT_API_URL=... MLFLOW_TRACKING_URI=...`.
+services: install
+	PATH=$(CURDIR)/$(BIN):$$PATH DVC_NO_ANALYTICS=1 $(BIN)/flux2lora services up
+
+services-status:
+	$(BIN)/flux2lora services status
+
+services-down:
+	$(BIN)/flux2lora services down
 
 clean-demo:
 	rm -rf outputs models data/demo mlflow.db mlartifacts dvc.lock .prefect

@@ -1,40 +1,136 @@
 """The `flux2-lora` flow: the six stages in order, each a retried task that DVC's lock file can skip.
 
-Deployed as `flux2-lora/train` (prefect.yaml). Run locally with `python -m flows.train`.
+Deployed twice (prefect.yaml): `flux2-lora/train`, run by hand with parameters that override params.yaml, and
+`flux2-lora/nightly`, on a cron schedule with only_if_changed, which retrains only when the dataset or the params
+differ from the last successful run's. Run locally with `python -m flows.train [PROJECT_DIR]`.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Annotated, Any, Iterator, Literal
 
 from prefect import flow
 from prefect.logging import get_run_logger
+from prefect.states import Completed
+from pydantic import Field
 
+from flux2lora.config import PARAMS_FILE, read_raw_params
 from flux2lora.stages import STAGES
+from tasks.freshness import check_training_current, mark_run_current
+from tasks.gpu import ensure_gpu_limit
+from tasks.params import apply_run_parameters
+from tasks.report import publish_run_report
+from tasks.secrets import credentials_from_secret_blocks
 from tasks.stages import pipeline_stage
+
+# The run form's choices: flux2lora.flavours.FLAVOURS (the tiny-* ones are the offline test models). Written out,
+# not derived, so `prefect deploy` and the UI read them from this signature; a test keeps the two lists equal.
+Flavour = Literal["klein-4b", "klein-9b", "dev", "tiny-klein-4b", "tiny-klein-9b", "tiny-dev"]
+
+
+@contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    # DVC resolves stage names against the working directory: the stages must run from the project folder
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _report(project: str, results: dict, params_diff: str, freshness: dict | None, logger) -> None:
+    # the report is for people: a failure to write it is logged, and does not fail a run that trained
+    try:
+        publish_run_report(project, results, params_diff, freshness)
+    except Exception:
+        logger.warning("could not create the run report artifact", exc_info=True)
+
+
+def run_parameters(raw: dict, flavour: str | None, dataset: str | None, steps: int | None,
+                   learning_rate: float | None, lora_rank: int | None, base_model: str | None,
+                   params_overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The flow's parameters as dotted params.yaml keys. A new flavour without a base model resets the model path
+    to the flavour's default repo, rather than train one flavour on another's weights."""
+    overrides = dict(params_overrides or {})
+    if flavour is not None:
+        overrides["model.model_flavour"] = flavour
+        if base_model is None and flavour != (raw.get("model") or {}).get("model_flavour"):
+            overrides["model.pretrained_model_name_or_path"] = None
+    for key, value in (("model.pretrained_model_name_or_path", base_model), ("prepare.instance_data_dir", dataset),
+                       ("train.max_train_steps", steps), ("train.learning_rate", learning_rate),
+                       ("train.lora_rank", lora_rank)):
+        if value is not None:
+            overrides[key] = value
+    return overrides
 
 
 @flow(name="flux2-lora", log_prints=True)
-def flux2_lora(project_dir: str | None = None) -> dict:
+def flux2_lora(
+    flavour: Flavour | None = None,
+    dataset: str | None = None,
+    steps: Annotated[int, Field(ge=1)] | None = None,
+    learning_rate: Annotated[float, Field(gt=0)] | None = None,
+    lora_rank: Annotated[int, Field(ge=1)] | None = None,
+    base_model: str | None = None,
+    params_overrides: dict[str, Any] | None = None,
+    only_if_changed: bool = False,
+    project_dir: str | None = None,
+) -> dict:
     """Train a FLUX.2 LoRA: prepare -> encode-text, encode-latents -> train -> validate -> publish.
 
-    project_dir: the folder with params.yaml and dvc.yaml (default: the working directory).
+    Parameters left empty keep the values in params.yaml. Set ones are written into params.yaml (validated first,
+    the change logged and shown in the run's report) before any stage runs, so dvc.lock and `dvc repro` agree with
+    what this run trained.
+
+    Args:
+        flavour: FLUX.2 model to train on (model.model_flavour): klein-4b, klein-9b or dev; tiny-* are the offline
+            test models. Without base_model, the flavour's default base repo is used.
+        dataset: Folder of images with .txt captions beside them, relative to the project (prepare.instance_data_dir).
+        steps: Training steps (train.max_train_steps).
+        learning_rate: AdamW learning rate of the LoRA weights (train.learning_rate).
+        lora_rank: LoRA rank (train.lora_rank).
+        base_model: Hub id or local diffusers folder of the base model (model.pretrained_model_name_or_path).
+        params_overrides: Any other params.yaml keys, by dotted name, e.g. {"train.lora_alpha": 16}.
+        only_if_changed: Retrain only when the dataset's DVC hash or the params differ from the last successful
+            run in MLflow; otherwise end as 'up to date' (what the nightly deployment sets).
+        project_dir: Folder with params.yaml and dvc.yaml (default: the working directory).
     """
     logger = get_run_logger()
-    root = str(Path(project_dir or os.getcwd()).resolve())
-    results = {}
-    for name in STAGES:
-        results[name] = pipeline_stage(name, root)
-    ran = [n for n, r in results.items() if r["ran"]]
-    logger.info("pipeline finished: ran %s", ", ".join(ran) if ran else "nothing (everything up to date)")
-    publish = results["publish"].get("summary") or {}
-    if publish:
-        logger.info("LoRA published to %s", publish.get("s3") or publish.get("folder"))
-    return results
+    root = Path(project_dir or os.getcwd()).resolve()
+    project = str(root)
+    with _working_directory(root), credentials_from_secret_blocks(logger):
+        overrides = run_parameters(read_raw_params(root / PARAMS_FILE), flavour, dataset, steps, learning_rate,
+                                   lora_rank, base_model, params_overrides)
+        params_diff = apply_run_parameters(project, overrides) if overrides else ""
+        freshness = None
+        if only_if_changed:
+            freshness = check_training_current(project)
+            if freshness["up_to_date"]:
+                _report(project, {}, params_diff, freshness, logger)
+                message = ("up to date: the dataset and params are those of MLflow run "
+                           f"{freshness['last_run_id']}; nothing to train")
+                logger.info(message)
+                return Completed(message=message, data={"up_to_date": True, **freshness})
+
+        ensure_gpu_limit(logger)
+        results = {}
+        for name in STAGES:
+            results[name] = pipeline_stage(name, project)
+        mark_run_current(project, logger)
+        ran = [n for n, r in results.items() if r["ran"]]
+        logger.info("pipeline finished: ran %s", ", ".join(ran) if ran else "nothing (everything up to date)")
+        publish = results["publish"].get("summary") or {}
+        if publish:
+            logger.info("LoRA published to %s", publish.get("s3") or publish.get("folder"))
+        _report(project, results, params_diff, freshness, logger)
+    return {"up_to_date": False, "stages": results, "params_diff": params_diff, "freshness": freshness}
 
 
 if __name__ == "__main__":
     import sys
 
-    flux2_lora(sys.argv[1] if len(sys.argv) > 1 else None)
+    flux2_lora(project_dir=sys.argv[1] if len(sys.argv) > 1 else None)

@@ -1,4 +1,5 @@
-"""Prefect tasks around the library's stage functions: retries, logging, and DVC's view of what is up to date.
+"""Prefect tasks around the library's stage functions: retries that resume, logs and progress in the task run, the
+GPU concurrency limit, the multi-GPU launch of train, and DVC's view of what is up to date.
 
 Prefect's own result caching is off on purpose: dvc.lock decides whether a stage must run, so `dvc repro` and the
 flow never disagree about it.
@@ -7,13 +8,22 @@ flow never disagree about it.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
+from flux2lora import faults
+from flux2lora.config import PARAMS_FILE, load_params
+from flux2lora.layout import layout_for
 from flux2lora.stages import record_stage, run_stage, stage_is_current
+
+from .gpu import gpu_slot
+from .launch import launch_train
+from .progress import progress_to_log
+from .retries import RETRY
 
 
 def _forward_library_logs(run_logger) -> logging.Handler:
@@ -30,20 +40,34 @@ def _forward_library_logs(run_logger) -> logging.Handler:
     return handler
 
 
-@task(name="stage", task_run_name="{name}", retries=2, retry_delay_seconds=[10, 60], cache_policy=NO_CACHE)
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, **RETRY)
 def pipeline_stage(name: str, project_dir: str) -> dict:
-    """Run stage `name` unless dvc.lock says it is current; record it in dvc.lock afterwards."""
+    """Run stage `name` unless dvc.lock says it is current; record it in dvc.lock afterwards.
+
+    A retry of a failed train continues from its latest checkpoint (the train loop resumes by itself).
+    FLUX2LORA_FAULT=NAME:start / NAME:end fails this stage once before / after it runs (flux2lora.faults).
+    """
     logger = get_run_logger()
     root = Path(project_dir).resolve()
     if stage_is_current(name, root):
         logger.info("%s: up to date according to dvc.lock, nothing to do", name)
         return {"stage": name, "ran": False}
+    params = load_params(root / PARAMS_FILE)
+    output_dir = layout_for(root, params.output_dir).output_dir
     handler = _forward_library_logs(logger)
+    started = time.perf_counter()
     try:
-        logger.info("%s: running", name)
-        summary = run_stage(name, root / "params.yaml")
+        with gpu_slot(name, logger), progress_to_log(logger):
+            logger.info("%s: running", name)
+            faults.maybe_fail(name, "start", output_dir)
+            if name == "train" and params.runtime.num_processes > 1:
+                summary = launch_train(root, params, logger)
+            else:
+                summary = run_stage(name, root / PARAMS_FILE)
+            faults.maybe_fail(name, "end", output_dir)
     finally:
         logging.getLogger("flux2lora").removeHandler(handler)
+    seconds = time.perf_counter() - started
     record_stage(name, root)
-    logger.info("%s: done, recorded in dvc.lock", name)
-    return {"stage": name, "ran": True, "summary": summary}
+    logger.info("%s: done, recorded in dvc.lock (%.1f s)", name, seconds)
+    return {"stage": name, "ran": True, "seconds": seconds, "summary": summary}

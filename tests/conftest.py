@@ -9,10 +9,25 @@ from pathlib import Path
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Tiny models: one thread per process is faster than two fighting over two cores (and subprocesses inherit it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project gets its own sqlite store
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
+
 from helpers import make_project  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_does_not_leak_between_tests():
+    """mlflow.set_tracking_uri (called by tests that read a project's store) exports MLFLOW_TRACKING_URI into the
+    environment, which the next project would read as the user's choice. Start and end every test without it."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

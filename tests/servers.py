@@ -279,3 +279,92 @@ class PrefectAPI:
             items.extend(batch)
             if len(batch) < page:
                 return items
+
+
+# --- MLflow ----------------------------------------------------------------------------------------------------
+
+MLFLOW = str(VENV_BIN / "mlflow")
+
+
+@contextmanager
+def mlflow_server(workdir: Path, backend_store_uri: str | None = None, artifacts_destination: str | None = None,
+                  timeout: float = 120, attempts: int = 3, **extra_env) -> Iterator[str]:
+    """`mlflow server` (one uvicorn worker) on 127.0.0.1 and a free port; yields its URL once /health answers.
+
+    Store: `backend_store_uri` (default sqlite in `workdir`), artifacts proxied to `artifacts_destination` (default
+    `workdir/mlartifacts`; s3://... with MLFLOW_S3_ENDPOINT_URL in `extra_env`). Log: workdir/mlflow.log."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    backend = backend_store_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    artifacts = artifacts_destination or str(workdir / "mlartifacts")
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        url = f"http://{LOOPBACK}:{port}"
+        cmd = [MLFLOW, "server", "--host", LOOPBACK, "--port", str(port), "--workers", "1",
+               "--backend-store-uri", backend, "--artifacts-destination", artifacts]
+        with background("mlflow server", cmd, cwd=workdir, env=project_env(**extra_env),
+                        log=workdir / "mlflow.log") as server:
+            try:
+                server.wait_until(lambda: http_ok(f"{url}/health"), timeout, f"{url}/health")
+            except ServerError:
+                if attempt < attempts and "address already in use" in server.tail().lower():
+                    continue
+                raise
+            yield url
+            return
+
+
+# --- S3 (moto) -------------------------------------------------------------------------------------------------
+
+# Credentials for clients of moto_server (boto3, dvc, mlflow): any value works. The environment comes first in
+# boto's credential chain, so the machine's own ~/.aws is not used.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_server(buckets: tuple[str, ...] = ()) -> Iterator[str]:
+    """An S3 API (moto's ThreadedMotoServer, in this process) on 127.0.0.1 and a free port, with `buckets`
+    created; yields the endpoint URL. Subprocesses reach it over HTTP with S3_TEST_ENV in their environment."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address=LOOPBACK, port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
+                              aws_secret_access_key="testing", region_name="us-east-1")
+        for bucket in buckets:
+            client.create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        try:  # moto's state is per process: leave no buckets behind for the next server
+            urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10)
+        except (urllib.error.URLError, OSError):
+            pass
+        server.stop()
+
+
+# --- Prefect flows in the test process -------------------------------------------------------------------------
+
+@contextmanager
+def prefect_in_process(home: Path, **extra_env) -> Iterator[str]:
+    """A Prefect server (prefect_server) that flows and tasks called in this process report to; yields its API URL.
+
+    For tests that call a flow function directly: faster than a deployment and a worker, and still a real server
+    whose logs, states, artifacts and concurrency limits the test can read back. Imports prefect into the test
+    process (its settings are pointed at `home` and the server for the duration)."""
+    with prefect_server(home, **extra_env) as api_url:
+        from prefect.logging.handlers import APILogWorker
+        from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW,
+                                      PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings)
+
+        # tasks called outside a flow (to test one stage) log locally only, without a warning each time
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_HOME: str(home),
+                                         PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                                         PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+            try:
+                yield api_url
+            finally:
+                APILogWorker.drain_all(timeout=30)  # ship the last log batch while the server is up

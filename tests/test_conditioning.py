@@ -74,7 +74,7 @@ def test_sigma_sampling_applies_the_shift():
 def _guidance_seen_by_the_embedder(monkeypatch) -> list[torch.Tensor]:
     """Record the guidance tensor that reaches the transformer's guidance embedder during training."""
     seen: list[torch.Tensor] = []
-    real_loader = loop.load_transformer
+    real_loader = loop.load_training_transformer
 
     def loader(*args, **kwargs):
         transformer = real_loader(*args, **kwargs)
@@ -86,7 +86,7 @@ def _guidance_seen_by_the_embedder(monkeypatch) -> list[torch.Tensor]:
         transformer.time_guidance_embed.register_forward_pre_hook(hook)
         return transformer
 
-    monkeypatch.setattr(loop, "load_transformer", loader)
+    monkeypatch.setattr(loop, "load_training_transformer", loader)
     return seen
 
 
@@ -139,7 +139,7 @@ def test_caption_dropout_trains_on_the_empty_prompt(tmp_path, monkeypatch):
 
     empty = TensorStore(root / "outputs/text_embeds").get(text_index["empty"])["prompt_embeds"]
     seen = []
-    real_loader = loop.load_transformer
+    real_loader = loop.load_training_transformer
 
     def loader(*args, **kwargs):
         transformer = real_loader(*args, **kwargs)
@@ -147,6 +147,6 @@ def test_caption_dropout_trains_on_the_empty_prompt(tmp_path, monkeypatch):
                                               with_kwargs=True)
         return transformer
 
-    monkeypatch.setattr(loop, "load_transformer", loader)
+    monkeypatch.setattr(loop, "load_training_transformer", loader)
     run_stage("train", root / "params.yaml")
     assert seen and all(torch.equal(batch, empty.expand_as(batch)) for batch in seen)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from flux2lora.cache.store import TensorStore
 from flux2lora.layout import Layout, layout_for
 from flux2lora.stages import STAGES
 from helpers import REPO, make_project, run, set_params
@@ -98,8 +99,11 @@ def dvc_repro(root: Path) -> Repro:
 def snapshot(root: Path) -> dict:
     """The on-disk facts the tests compare before and after a repro."""
     layout = layout_for(root, yaml.safe_load((root / "params.yaml").read_text())["output_dir"])
-    entries = lambda folder: {p.stem: p.stat().st_mtime_ns  # noqa: E731
-                              for p in sorted((folder / "entries").glob("*.safetensors"))}
+    def entries(folder: Path) -> dict:
+        """Cache key -> mtime of the shard holding it: a rewritten entry shows as a changed mtime."""
+        store = TensorStore(folder)
+        return {key: store.shard_of(key).stat().st_mtime_ns for key in sorted(store.keys())}
+
     return {
         "images_manifest": layout.images_manifest.read_bytes(),
         "text_index": json.loads((layout.text_embeds_dir / "index.json").read_text()),
@@ -262,11 +266,15 @@ def test_learning_rate_change_reruns_only_train_validate_publish(history):
 DECLARED_LAYOUT_PATHS = {
     "images_manifest": "prepare", "captions_manifest": "prepare", "prepare_report": "prepare",
     "text_embeds_dir": "encode-text", "latents_dir": "encode-latents",
-    "lora_dir": "train", "run_file": "train", "checkpoints_dir": "train", "train_metrics": "train",
+    "lora_dir": "train", "run_file": "train", "train_metrics": "train",
     "validation_dir": "validate", "publish_dir": "publish",
 }
 # Layout paths that are not outs themselves: a file inside an out, and the folder holding two train outs.
 DERIVED_LAYOUT_PATHS = {"lora_file", "train_dir"}
+# Bookkeeping DVC must not see (prepare's per-file records, cache verification stamps): neither out nor dep.
+# Working state that must not look like a stage output: prepare's file records, train's checkpoints (a clone that
+# pulled the outputs would otherwise retrain).
+UNTRACKED_LAYOUT_PATHS = {"state_dir", "prepare_records", "checkpoints_dir"}
 # dvc.yaml outs without a Layout property: publish writes `output_dir / "publish.json"` directly.
 OUTS_WITHOUT_LAYOUT_PROPERTY = {"publish.json"}
 
@@ -310,9 +318,10 @@ def test_dvc_yaml_has_the_six_stages_in_pipeline_order(pipeline):
 def test_every_layout_path_is_an_out_of_the_stage_that_writes_it(pipeline):
     root, params, _, _, outs, _ = pipeline
     paths = layout_paths(layout_for(root, params["output_dir"]))
-    assert set(paths) == set(DECLARED_LAYOUT_PATHS) | DERIVED_LAYOUT_PATHS, (
+    known = set(DECLARED_LAYOUT_PATHS) | DERIVED_LAYOUT_PATHS | UNTRACKED_LAYOUT_PATHS
+    assert set(paths) == known, (
         "Layout gained or lost a path: declare it in dvc.yaml and list it in DECLARED_LAYOUT_PATHS "
-        f"(or DERIVED_LAYOUT_PATHS): {sorted(set(paths) ^ (set(DECLARED_LAYOUT_PATHS) | DERIVED_LAYOUT_PATHS))}")
+        f"(or DERIVED_LAYOUT_PATHS / UNTRACKED_LAYOUT_PATHS): {sorted(set(paths) ^ known)}")
     problems = []
     for name, stage in DECLARED_LAYOUT_PATHS.items():
         owners = [s for s, declared in outs.items() if paths[name].resolve() in {p.resolve() for p in declared}]
@@ -322,6 +331,11 @@ def test_every_layout_path_is_an_out_of_the_stage_that_writes_it(pipeline):
     assert not problems, "dvc.yaml and layout.py disagree:\n" + "\n".join(problems)
     lora = {p.resolve() for p in outs["train"]}
     assert paths["lora_dir"].resolve() in lora and paths["lora_file"].parent == paths["lora_dir"]
+    declared = {p.resolve() for ps in outs.values() for p in ps}
+    for name in UNTRACKED_LAYOUT_PATHS:
+        path = paths[name].resolve()
+        assert not any(path == p or p in path.parents for p in declared), (
+            f"Layout.{name} ({path}) is bookkeeping and must stay outside every DVC out")
 
 
 def test_every_dvc_out_is_a_layout_path_under_output_dir(pipeline):
@@ -335,7 +349,7 @@ def test_every_dvc_out_is_a_layout_path_under_output_dir(pipeline):
 
 def test_every_dep_is_an_earlier_stage_out_or_the_dataset_or_prompt_library(pipeline):
     root, params, _, _, outs, deps = pipeline
-    inputs = {(root / params["prepare"]["instance_data_dir"]).resolve(): "the dataset",
+    inputs = {(root / params["prepare"]["data_root"]).resolve(): "the datasets' root",
               (root / params["validate"]["user_prompt_library"]).resolve(): "the prompt library"}
     problems = []
     for i, stage in enumerate(ALL_STAGES):
@@ -346,5 +360,7 @@ def test_every_dep_is_an_earlier_stage_out_or_the_dataset_or_prompt_library(pipe
                 problems.append(f"{stage} depends on {dep.relative_to(root)} which is " +
                                 (f"an out of {later} (not an earlier stage)" if later else "produced by no stage"))
     assert not problems, "\n".join(problems)
-    assert {p.resolve() for p in deps["prepare"]} == {(root / params["prepare"]["instance_data_dir"]).resolve()}, (
-        "prepare should depend on the dataset folder (and nothing else but params)")
+    assert {p.resolve() for p in deps["prepare"]} == {(root / params["prepare"]["data_root"]).resolve()}, (
+        "prepare should depend on the folder holding every dataset, prepare.data_root (and nothing else but params)")
+    dataset = (root / params["prepare"]["instance_data_dir"]).resolve()
+    assert (root / params["prepare"]["data_root"]).resolve() in dataset.parents, "the shipped dataset is in data_root"

@@ -118,10 +118,9 @@ def test_encode_prompt_stacks_the_flavours_layers(loaded_pipe):
     assert text_ids.shape == (1, 512, 4)
 
 
-def test_klein_chat_template_matches_qwen3(tiny_model):
-    folder, flavour = tiny_model
-    if not flavour.is_klein:
-        pytest.skip("klein only")
+@pytest.mark.parametrize("name", ["tiny-klein-4b", "tiny-klein-9b"])
+def test_klein_chat_template_matches_qwen3(name, tmp_path):
+    folder = make_tiny_model(tmp_path / "model", name, seed=0)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                          add_generation_prompt=True, enable_thinking=False)
@@ -134,10 +133,8 @@ def test_klein_chat_template_matches_qwen3(tiny_model):
     assert ids[-1] == tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
 
-def test_dev_processor_renders_mistral_prompts_padded(tiny_model):
-    folder, flavour = tiny_model
-    if flavour.is_klein:
-        pytest.skip("dev only")
+def test_dev_processor_renders_mistral_prompts_padded(tmp_path):
+    folder = make_tiny_model(tmp_path / "model", "tiny-dev", seed=0)
     from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
     processor = AutoProcessor.from_pretrained(folder / "tokenizer")

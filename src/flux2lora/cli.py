@@ -77,6 +77,216 @@ def check_params(params: Path = typer.Option(Path("params.yaml"), "--params")):
     typer.echo(f"{params}: ok")
 
 
+@app.command("generate")
+def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffusers or BFL format)"),
+                 prompt: str = typer.Option(..., "--prompt"),
+                 scale: float = typer.Option(1.0, "--scale", help="LoRA strength"),
+                 seed: int = typer.Option(0, "--seed"),
+                 out: Path = typer.Option(Path("generated.png"), "--out", help="image file to write"),
+                 width: int = typer.Option(1024, "--width"), height: int = typer.Option(1024, "--height"),
+                 steps: int = typer.Option(50, "--steps", help="inference steps"),
+                 guidance: float = typer.Option(4.0, "--guidance", help="dev: distilled guidance; klein: CFG scale"),
+                 negative_prompt: str = typer.Option("", "--negative-prompt", help="klein only"),
+                 model: str = typer.Option(None, "--model", help="base model (default: from the LoRA's metadata)"),
+                 flavour: str = typer.Option(None, "--flavour", help="klein-4b | klein-9b | dev (default: metadata)"),
+                 device: str = typer.Option("auto", "--device"),
+                 dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU)")):
+    """Generate one image with a LoRA, to try a result on any flavour."""
+    from .generate import generate
+
+    _setup_logging()
+    try:
+        image = generate(prompt, lora, scale=scale, seed=seed, width=width, height=height,
+                         num_inference_steps=steps, guidance=guidance, negative_prompt=negative_prompt,
+                         model_path=model, flavour=flavour, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    typer.echo(f"image written to {out}")
+
+
+@app.command("export")
+def export_cmd(lora: Path = typer.Argument(..., help="diffusers-format LoRA file"),
+               out: Path = typer.Option(None, "--out", help="default: <lora stem>_bfl.safetensors beside it")):
+    """Write the BFL / ComfyUI-layout file (`diffusion_model.double_blocks...`) for a diffusers-format LoRA."""
+    from .export import export_bfl
+
+    try:
+        path = export_bfl(lora, out or lora.with_name(f"{lora.stem}_bfl.safetensors"))
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"BFL / ComfyUI LoRA written to {path}")
+
+
+@app.command("promote")
+def promote_cmd(ref: str = typer.Argument(..., help="MLflow run id, or a version number of the registered model"),
+                alias: str = typer.Option("champion", "--alias"),
+                params: Path = typer.Option(Path("params.yaml"), "--params")):
+    """Move the registered model's alias `champion` to the LoRA of a run (or a version number)."""
+    from . import tracking
+    from .config import ParamsError, load_params, project_root
+    from .registry import promote
+
+    try:
+        loaded = load_params(params)
+        name = loaded.publish.registered_model_name
+        if not name:
+            _fail("publish.registered_model_name is not set: nothing is registered")
+        tracking.configure(loaded, project_root(params))
+        result = promote(name, ref, alias=alias)
+    except (ParamsError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{result['name']}: alias {alias} -> version {result['version']} (run {result['run_id']}; "
+               f"was {result['previous'] or 'unset'})")
+
+
+services_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, process worker and MLflow server on "
+                           "loopback (pids, ports and logs under .services/).")
+app.add_typer(services_app, name="services")
+
+
+@services_app.command("up")
+def services_up(prefect_port: int = typer.Option(4200, "--prefect-port", help="0: a free port"),
+                mlflow_port: int = typer.Option(5000, "--mlflow-port", help="0: a free port"),
+                host: str = typer.Option("127.0.0.1", "--host"),
+                work_pool: str = typer.Option("flux2lora-local", "--pool", help="the worker's work pool"),
+                mlflow_artifacts: str = typer.Option(None, "--mlflow-artifacts",
+                                                     help="artifact store: a folder or s3://bucket/prefix "
+                                                          "(default: ./mlartifacts)"),
+                s3_endpoint_url: str = typer.Option(None, "--s3-endpoint-url", help="MinIO: http://127.0.0.1:9000"),
+                only: list[str] = typer.Option(["prefect", "mlflow"], "--only", help="prefect | mlflow"),
+                folder: Path = typer.Option(Path(".services"), "--dir", help="where pids, ports and logs go"),
+                timeout: float = typer.Option(180, "--timeout", help="seconds to wait for each health check")):
+    """Start the services in the background, wait until they are healthy, print their URLs and env exports."""
+    from .services import ServicesError, ServiceSettings, env_exports, up
+
+    settings = ServiceSettings(host=host, prefect_port=prefect_port, mlflow_port=mlflow_port, work_pool=work_pool,
+                               mlflow_artifacts=mlflow_artifacts, s3_endpoint_url=s3_endpoint_url,
+                               only=tuple(only), timeout=timeout)
+    try:
+        services = up(Path.cwd(), settings, folder)
+    except ServicesError as e:
+        _fail(str(e))
+    for service in services.values():
+        typer.echo(f"{service.name:15s} {service.url:45s} pid {service.pid:<8d} log {service.log}")
+    typer.echo("")
+    for key, value in env_exports(services).items():
+        typer.echo(f"export {key}={value}")
+    typer.echo(f"# or: source {folder / 'env'}")
+    if "prefect" in only:
+        typer.echo("# then: prefect --no-prompt deploy --all && prefect deployment run flux2-lora/train --watch")
+
+
+@services_app.command("status")
+def services_status(folder: Path = typer.Option(Path(".services"), "--dir")):
+    """Each service's pid, URL and health; exit code 1 when one is down or unhealthy, 3 when none is recorded."""
+    from .services import status
+
+    rows = status(Path.cwd(), folder)
+    if not rows:
+        typer.echo("no services recorded (flux2lora services up)")
+        raise typer.Exit(3)
+    for row in rows:
+        state = "healthy" if row.healthy else ("running, not healthy" if row.running else "not running")
+        typer.echo(f"{row.name:15s} {state:22s} {row.url:40s} pid {row.pid:<8d} log {row.log}")
+    if not all(row.healthy for row in rows):
+        raise typer.Exit(1)
+
+
+@services_app.command("down")
+def services_down(folder: Path = typer.Option(Path(".services"), "--dir")):
+    """Stop the services (worker first, with its flow runs); logs and stores stay."""
+    from .services import down
+
+    stopped = down(Path.cwd(), folder)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command("plan")
+def plan(params: Path = typer.Option(Path("params.yaml"), "--params"),
+         vram: str = typer.Option(None, "--vram", help="GPU memory budget, e.g. 24GiB: propose the fastest fit")):
+    """Predict peak GPU memory and relative speed of the configured training run; with --vram, propose the fastest
+    configuration that fits (calibrated on H100 measurements of the plain diffusers + peft recipe)."""
+    from .config import ParamsError, load_params
+    from .planner import as_dict, fastest_fitting, parse_size, plan_from_params, predict
+
+    try:
+        configured = plan_from_params(load_params(params))
+        budget = parse_size(vram) if vram else None
+    except (ParamsError, ValueError) as e:
+        _fail(str(e))
+    result = {"configured": as_dict(predict(configured))}
+    if budget is not None:
+        best = fastest_fitting(configured, budget)
+        result["budget_gib"] = round(budget, 2)
+        result["proposed"] = as_dict(best) if best else None
+        if best is None:
+            result["note"] = "nothing fits: lower train.train_batch_size or prepare.resolution"
+    typer.echo(json.dumps(result, indent=2))
+
+
+@app.command("import-simpletuner")
+def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed trainer's config folder: config.json or "
+                                                                    "config.toml, multidatabackend.json, "
+                                                                    "user_prompt_library.json"),
+                           params: Path = typer.Option(Path("params.yaml"), "--params"),
+                           dry_run: bool = typer.Option(False, "--dry-run", help="report only; write nothing"),
+                           as_json: bool = typer.Option(False, "--json", help="the report as JSON")):
+    """Write a SimpleTuner configuration into params.yaml; list every key mapped, accepted without effect, or not."""
+    from .config import ParamsError
+    from .simpletuner import import_simpletuner
+
+    try:
+        report = import_simpletuner(folder, params, write=not dry_run)
+    except (ParamsError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, default=str))
+        return
+    typer.echo(f"{len(report.mapped)} mapped, {len(report.without_effect)} accepted without effect, "
+               f"{len(report.not_mapped)} not mapped")
+    for row in report.mapped:
+        typer.echo(f"  mapped      {row['source']} -> {row['target']} = {row['value']!r}")
+    for row in report.without_effect:
+        typer.echo(f"  no effect   {row['source']} = {row['value']!r}: {row['reason']}")
+    for row in report.not_mapped:
+        typer.secho(f"  NOT MAPPED  {row['source']} = {row['value']!r}: {row['reason']}", fg=typer.colors.YELLOW)
+    for row in report.reset:
+        typer.echo(f"  default     {row['target']}: {row['was']!r} -> {row['now']!r} (not set by the seed config)")
+    for note in report.notes:
+        typer.echo(f"  note: {note}")
+    typer.echo("dry run: nothing written" if dry_run else f"written: {', '.join(report.files_written)}")
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The latent and text-embedding caches.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info_cmd(params: Path = typer.Option(Path("params.yaml"), "--params"),
+                   verify: bool = typer.Option(False, "--verify", help="read every tensor and check its checksum; "
+                                                                       "damaged shards are re-encoded next run"),
+                   as_json: bool = typer.Option(False, "--json")):
+    """Entries, shards and bytes per cache store, and how many entries the current index uses."""
+    from .cache.info import cache_info, human_bytes
+    from .config import ParamsError, load_params, project_root
+
+    try:
+        info = cache_info(load_params(params), project_root(params), verify=verify)
+    except ParamsError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    typer.echo(f"{'store':<12} {'entries':>8} {'shards':>7} {'size':>11} {'indexed':>8} {'unused':>7} {'damaged':>8}"
+               "  dtypes")
+    for name, row in info.items():
+        dtypes = ", ".join(f"{d}:{n}" for d, n in sorted(row["dtypes"].items())) or "-"
+        typer.echo(f"{name:<12} {row['entries']:>8} {row['shards']:>7} {human_bytes(row['bytes']):>11} "
+                   f"{row['indexed']:>8} {row['not_indexed']:>7} {len(row['damaged']):>8}  {dtypes}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data.config import (DatasetConfig, DatasetOptions, apply_dataset_defaults, check_datasets,
+                          text_embeds_write_batch_size)
 from .flavours import DEFAULT_FLAVOUR, get_flavour
 
 PARAMS_FILE = "params.yaml"
@@ -49,13 +51,24 @@ class ModelParams(Section):
         return self.pretrained_model_name_or_path or self.flavour.default_repo
 
 
-class PrepareParams(Section):
-    """Scan a local image folder; captions come from files beside the images."""
+class PrepareParams(DatasetOptions):
+    """Scan the datasets' folders, pair captions and references, assign aspect buckets, report every skipped file.
 
-    instance_data_dir: str = "data/images"
-    caption_extension: str = ".txt"
-    minimum_image_size: int = Field(64, ge=1)  # shorter side, pixels; smaller images are skipped with a reason
+    One dataset: `instance_data_dir` plus the per-dataset keys (crop, resolution, caption_strategy, ...) right here.
+    Several: `datasets`, a list in the seed's multidatabackend.json form; the keys here are then their defaults.
+    """
+
+    # The folder DVC watches for this stage (dvc.yaml: deps ${prepare.data_root}); every dataset must be inside it.
+    data_root: str = "data"
+    instance_data_dir: str | None = None
+    datasets: list[DatasetConfig] = []
     image_extensions: list[str] = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"]
+
+    @model_validator(mode="after")
+    def _datasets_agree(self):
+        check_datasets(self)
+        apply_dataset_defaults(self)
+        return self
 
 
 class EncodeTextParams(Section):
@@ -63,7 +76,8 @@ class EncodeTextParams(Section):
 
     max_sequence_length: int = Field(512, ge=1)
     text_encoder_out_layers: list[int] | None = None  # None: the flavour's stacked layers
-    write_batch_size: int = Field(8, ge=1)
+    text_encoder_batch_size: int = Field(8, ge=1)  # prompts per text-encoder forward
+    write_batch_size: int = Field(64, ge=1)  # embeddings per cache shard (a killed run loses at most one shard's)
     cache_dtype: Literal["bf16", "fp32"] = "bf16"
     # Weights of the text encoder: fp32 / bf16 / fp16, or int8-quanto / int4-quanto (optimum-quanto).
     # None: model.base_model_default_dtype.
@@ -73,18 +87,12 @@ class EncodeTextParams(Section):
 
 
 class EncodeLatentsParams(Section):
-    """Cache normalised, 2x2-patchified VAE latents of every accepted image."""
+    """Cache normalised, 2x2-patchified VAE latents of every accepted image, each at its aspect bucket's size (the
+    bucket and crop are decided by prepare from the dataset's resolution and crop keys)."""
 
-    resolution: int = Field(1024, ge=16)  # side of the square training crop, pixels (multiple of 16)
-    vae_batch_size: int = Field(4, ge=1)
+    vae_batch_size: int = Field(4, ge=1)  # images per VAE forward (one bucket per forward)
+    write_batch_size: int = Field(64, ge=1)  # latents per cache shard (a killed run loses at most one shard's)
     cache_dtype: Literal["bf16", "fp32"] = "bf16"
-
-    @field_validator("resolution")
-    @classmethod
-    def _multiple_of_16(cls, value: int) -> int:
-        if value % 16:
-            raise ValueError(f"resolution must be a multiple of 16 (VAE /8 and 2x2 patches), got {value}")
-        return value
 
 
 class TrainParams(Section):
@@ -113,6 +121,15 @@ class TrainParams(Section):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     timestep_shift: float = Field(3.0, gt=0)
+    # Weights of the frozen transformer's blocks: no_change (base_model_default_dtype) or optimum-quanto int8/int4.
+    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto"] = "no_change"
+    quantize_via: Literal["cpu", "accelerator"] = "accelerator"  # cpu: full weights never occupy the GPU
+    # TREAD token routing (seed: tread_config.routes). selection_ratio is the share of image tokens that SKIP the
+    # span start_layer_idx..end_layer_idx (double blocks first, then single; negative = from the end).
+    tread_config: dict | None = None
+    # Edit training with several conditioning folders: combined = all of a sample's references at once;
+    # random = one reference folder drawn per sample and step.
+    conditioning_multidataset_sampling: Literal["combined", "random"] = "combined"
     # Share of samples trained with the empty prompt, so the base model's CFG keeps working with the LoRA.
     caption_dropout_probability: float = Field(0.0, ge=0.0, le=1.0)
     # dev only: the distilled-guidance value fed to the guidance embedder while training.
@@ -134,8 +151,11 @@ class ValidateParams(Section):
     validation_resolution: str = "1024x1024"  # "WxH" or a comma-separated list of them
     validation_num_inference_steps: int = Field(20, ge=1)
     validation_guidance: float = 4.0  # dev: distilled guidance; klein base: true CFG scale
-    validation_seed: int = 42
+    validation_seed: int = 42  # the same seed for every prompt, step and run: images are comparable
     validation_lora_scale: float = 1.0
+    # Validate during training every N steps (grid logged to MLflow at that step). null or 0: only the validate
+    # stage, which renders the final LoRA after training; the loop never renders the last step itself.
+    validation_step_interval: int | None = Field(None, ge=0)
 
     @property
     def resolutions(self) -> list[tuple[int, int]]:
@@ -144,10 +164,18 @@ class ValidateParams(Section):
 
 
 class PublishParams(Section):
-    """Where the LoRA, its model card and samples go after training."""
+    """Where the LoRA, its model card and samples go after training: a folder, S3, the Hub, the MLflow registry."""
 
     s3_uri: str | None = None  # s3://bucket/prefix ; files go under <prefix>/<run-name>/
     s3_endpoint_url: str | None = None  # MinIO and other S3-compatible stores
+    # Files at least this large go up in parts of s3_multipart_chunksize_mb (S3's minimum part is 5 MiB).
+    s3_multipart_threshold_mb: float = Field(64, gt=0)
+    s3_multipart_chunksize_mb: float = Field(64, ge=5)
+    s3_max_attempts: int = Field(8, ge=1)  # per request, exponential backoff with jitter (botocore standard mode)
+    hub_repo_id: str | None = None  # "user/name" on the Hugging Face Hub; the token comes from HF_TOKEN / login
+    hub_private: bool = True  # only used when the repo is created
+    # Each published LoRA becomes a version of this MLflow registered model (alias `candidate`); null: no registry.
+    registered_model_name: str | None = "flux2-lora"
     trigger_phrase: str = ""
 
 
@@ -156,6 +184,30 @@ class TrackingParams(Section):
     # None: $MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
     tracking_uri: str | None = None
     run_name: str | None = None
+
+
+class RuntimeParams(Section):
+    """How the stages are started and observed, never what they compute: no DVC stage depends on this section, so
+    editing it re-runs nothing."""
+
+    # Processes (GPUs of this machine) for the train stage. Above 1, the Prefect train task starts the stage with
+    # `accelerate launch --num_processes N`; how the work is split is the train loop's (DDP) business.
+    num_processes: int = Field(1, ge=1)
+    # accelerate config for that launch, relative to the project; null: `--multi_gpu` with accelerate's defaults.
+    accelerate_config: str | None = "infra/accelerate/multi-gpu.yaml"
+    # MLflow system metrics (CPU, memory, disk, network; GPUs when pynvml is installed) on training runs.
+    # null: on when psutil is installed, unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides.
+    system_metrics: bool | None = None
+
+    def log_system_metrics(self) -> bool | None:
+        """The value for `mlflow.start_run(log_system_metrics=...)`; None leaves it to MLflow's environment variable."""
+        if self.system_metrics is not None:
+            return self.system_metrics
+        if os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"):
+            return None
+        import importlib.util
+
+        return importlib.util.find_spec("psutil") is not None
 
 
 class Params(Section):
@@ -170,8 +222,21 @@ class Params(Section):
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     publish: PublishParams = PublishParams()
     tracking: TrackingParams = TrackingParams()
+    runtime: RuntimeParams = RuntimeParams()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _text_embeds_backend(self):
+        # The seed sets the text cache's write_batch_size on its `dataset_type: text_embeds` backend; encode-text
+        # reads only its own section, so the value is carried over here, once, at load time.
+        size = text_embeds_write_batch_size(self.prepare)
+        if size is not None and size != self.encode_text.write_batch_size:
+            if "write_batch_size" in self.encode_text.model_fields_set:
+                raise ValueError(f"encode_text.write_batch_size={self.encode_text.write_batch_size} disagrees with "
+                                 f"write_batch_size={size} of the text_embeds entry in prepare.datasets; keep one")
+            self.encode_text.write_batch_size = size
+        return self
 
     def flat(self) -> dict[str, Any]:
         """All params as `section.key` -> value, for MLflow."""
@@ -204,6 +269,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            # lists of sections (prepare.datasets): one param per key, not one long string MLflow may refuse
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
         else:
             out[name] = value
     return out
@@ -217,16 +286,34 @@ def _valid_keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation: `X`, `list[X]`, `X | None`."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
 def _section_model(loc: tuple) -> type[BaseModel]:
     model: type[BaseModel] = Params
-    for part in loc[:-1]:
+    for part in loc[:-1]:  # list indices (prepare.datasets.0.crop) match no field and are passed over
         for name, f in model.model_fields.items():
             if part in (name, f.alias):
-                ann = f.annotation
-                if isinstance(ann, type) and issubclass(ann, BaseModel):
-                    model = ann
+                model = _model_in(f.annotation) or model
                 break
     return model
+
+
+# Keys that moved: the error says where they went instead of only suggesting a near name.
+MOVED_KEYS = {
+    "encode_latents.resolution": "prepare.resolution (with resolution_type, crop, crop_aspect: the training size is a "
+                                 "property of each dataset, as in the seed's multidatabackend.json)",
+}
 
 
 def _explain(error: ValidationError, source: str) -> str:
@@ -234,7 +321,9 @@ def _explain(error: ValidationError, source: str) -> str:
     for err in error.errors():
         loc = tuple(str(p) for p in err["loc"])
         where = ".".join(loc)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and where in MOVED_KEYS:
+            lines.append(f"unknown key {where!r}: it moved to {MOVED_KEYS[where]}")
+        elif err["type"] == "extra_forbidden":
             valid = _valid_keys(_section_model(loc))
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(valid)}"

@@ -27,6 +27,16 @@ class Layout:
     def prepare_report(self) -> Path:
         return self.output_dir / "prepare" / "report.json"
 
+    # Bookkeeping that only saves time, kept out of DVC's sight on purpose (no stage declares it): prepare's
+    # per-file inspection records and the caches' shard-verification stamps. Deleting it is always safe.
+    @property
+    def state_dir(self) -> Path:
+        return self.output_dir / "state"
+
+    @property
+    def prepare_records(self) -> Path:
+        return self.state_dir / "prepare_files.sqlite"
+
     @property
     def text_embeds_dir(self) -> Path:
         return self.output_dir / "text_embeds"

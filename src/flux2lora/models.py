@@ -94,3 +94,51 @@ def describe_model(model: ModelParams) -> dict:
     if tiny_marker.exists():
         info["tiny"] = json.loads(tiny_marker.read_text())
     return info
+
+
+QUANTO_PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
+# Only the transformer blocks are quantized: the embedders, modulation and output projection are a small share of
+# the weights and the most precision-sensitive (the anchors' int8 numbers were measured the same way).
+QUANTIZED_MODULES = ["transformer_blocks.*", "single_transformer_blocks.*"]
+
+
+def load_training_transformer(model: ModelParams, device: torch.device, base_model_precision: str | None = None,
+                              quantize_via: str = "accelerator"):
+    """The frozen transformer to train a LoRA on, its blocks' weights optionally quantized with optimum-quanto.
+
+    quantize_via: "cpu" quantizes before moving to the device (the full-precision weights never occupy the GPU);
+    "accelerator" moves first and quantizes there (faster on a GPU that has the room).
+    """
+    if base_model_precision in (None, "no_change", model.base_model_default_dtype):
+        return load_transformer(model, device).requires_grad_(False)
+    if base_model_precision not in QUANTO_PRECISIONS:
+        raise ValueError(f"train.base_model_precision: {base_model_precision!r} is not supported; choose "
+                         f"no_change, {', '.join(QUANTO_PRECISIONS)}")
+    from optimum import quanto
+
+    staging = torch.device("cpu") if quantize_via == "cpu" else device
+    transformer = load_transformer(model, staging).requires_grad_(False)
+    quanto.quantize(transformer, weights=getattr(quanto, QUANTO_PRECISIONS[base_model_precision]),
+                    include=QUANTIZED_MODULES)
+    quanto.freeze(transformer)
+    return transformer.to(device)
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes actually held by a module's parameters (quantized weights count their packed data and scales)."""
+    total = 0
+    for param in module.parameters():
+        data = getattr(param, "data", param)
+        inner_names = data.__tensor_flatten__()[0] if hasattr(data, "__tensor_flatten__") else None
+        if inner_names:
+            stack = [getattr(data, name) for name in inner_names]
+            while stack:
+                t = stack.pop()
+                names = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
+                if names:
+                    stack += [getattr(t, n) for n in names]
+                else:
+                    total += t.numel() * t.element_size()
+        else:
+            total += param.numel() * param.element_size()
+    return total

@@ -76,7 +76,8 @@ def stage_is_current(name: str, root: Path) -> bool:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        return not repo.status(targets=[name])
+        # qualified by the project's dvc.yaml: a bare name would be resolved against the working directory
+        return not repo.status(targets=[f"{root / 'dvc.yaml'}:{name}"])
 
 
 def record_stage(name: str, root: Path) -> None:
@@ -84,4 +85,4 @@ def record_stage(name: str, root: Path) -> None:
     from dvc.repo import Repo
 
     with Repo(str(root)) as repo:
-        repo.commit(name, force=True)
+        repo.commit(f"{root / 'dvc.yaml'}:{name}", force=True)

@@ -2,7 +2,10 @@
 
 Embeddings equal what the flavour's diffusers pipeline computes in `encode_prompt` (see text_encoding.py; the
 encoder is cut after its deepest stacked layer): (512, 3*D) per prompt, all padded positions kept (the
-transformer sees them; there is no attention mask). Identical prompts are encoded once.
+transformer sees them; there is no attention mask). Identical prompts are encoded once: the key is the prompt text
+plus everything that shapes its embedding (flavour, stacked layers, max length, encoder identity and precision, stored
+dtype). `text_encoder_batch_size` prompts go through the encoder at once; entries are written in shards of
+`write_batch_size`, so a killed run keeps what it encoded.
 """
 
 from __future__ import annotations
@@ -55,18 +58,21 @@ def encode_text(params: Params, root: Path) -> dict:
     empty_key = text_key(params, "", identity)
     by_key = {text_key(params, p, identity): p for p in [*captions.values(), *library.values(), ""]}
 
-    store = TensorStore(layout.text_embeds_dir)
+    store = TensorStore(layout.text_embeds_dir, write_batch_size=cfg.write_batch_size, verify=True)
     todo = [(k, p) for k, p in by_key.items() if not store.has(k)]
-    log.info("encode-text: %d unique prompts, %d cached, %d to encode", len(by_key), len(by_key) - len(todo), len(todo))
+    log.info("encode-text: %d unique prompts (%d captions), %d cached, %d to encode%s", len(by_key), len(captions),
+             len(by_key) - len(todo), len(todo),
+             f"; {len(store.damaged)} damaged shard(s) deleted" if store.damaged else "")
     if todo:
         device = resolve_device(params.model.device)
         encoder = PromptEncoder.from_pretrained(params.model, text_layers(params), cfg.max_sequence_length, device,
                                                 precision=cfg.text_encoder_1_precision,
                                                 truncate=cfg.truncate_text_encoder)
         store_dtype = torch_dtype(cfg.cache_dtype)
-        with tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
-            for start in range(0, len(todo), cfg.write_batch_size):
-                chunk = todo[start:start + cfg.write_batch_size]
+        # `with store`: shards of write_batch_size are written as they fill, the last partial one on the way out
+        with store, tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
+            for start in range(0, len(todo), cfg.text_encoder_batch_size):
+                chunk = todo[start:start + cfg.text_encoder_batch_size]
                 embeds = encoder.encode([p for _, p in chunk])
                 for (key, _), emb in zip(chunk, embeds):
                     store.put(key, {"prompt_embeds": emb.to(store_dtype)})

@@ -1,10 +1,22 @@
-"""The `prepare` stage: scan an image folder, pair captions, drop what cannot be used, write manifests."""
+"""The `prepare` stage: scan the datasets, pair captions and references, bucket, skip what cannot be used.
+
+Writes `images.jsonl` (what encode-latents needs: id, path, content hash, upright size, bucket and crop, repeats,
+references) and `captions.jsonl` (what encode-text needs) separately, so a caption edit leaves images.jsonl
+byte-identical and DVC does not re-run encode-latents. Every skipped file is in `report.json` with its reason.
+
+Each file is decoded once in its life: the outcome is remembered by (path, size, mtime_ns) in
+`state/prepare_files.sqlite`, so a rerun after adding a few images decodes only those.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -12,64 +24,243 @@ from tqdm.auto import tqdm
 from ..config import Params
 from ..io import write_json_atomic, write_jsonl_atomic
 from ..layout import layout_for
-from .images import ImageRejected, file_sha256, open_rgb
+from .buckets import plan_crop, plan_like, plan_loose, too_small
+from .captions import caption_source, read_caption_file
+from .config import Dataset, relative_to_root, resolve_datasets
+from .images import ImageRejected, inspect_image
+from .records import FileRecord, FileRecords
 
 log = logging.getLogger(__name__)
+
+# Image formats users drop into folders that we do not train on: reported, not silently ignored.
+UNSUPPORTED_IMAGE_SUFFIXES = {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".svg", ".raw",
+                              ".cr2", ".cr3", ".nef", ".arw", ".dng", ".exr", ".hdr"}
+# Decoding releases the GIL (Pillow's decoders, hashlib): threads overlap it without pickling images.
+WORKERS = min(8, os.cpu_count() or 1)
 
 
 def read_caption(image_path: Path, extension: str) -> str:
     """The caption in the text file beside `image_path`; ImageRejected if missing, empty or not UTF-8."""
-    caption_path = image_path.with_suffix(extension)
-    if not caption_path.exists():
-        raise ImageRejected("missing_caption", f"{image_path}: no caption file {caption_path.name}")
-    try:
-        caption = caption_path.read_bytes().decode("utf-8-sig").strip()
-    except UnicodeDecodeError as e:
-        raise ImageRejected("undecodable_caption", f"{caption_path}: not UTF-8 text ({e})") from None
-    if not caption:
-        raise ImageRejected("empty_caption", f"{caption_path}: caption file is empty")
-    return caption
+    return read_caption_file(image_path, extension)
+
+
+# Paths are plain strings on the per-file paths below: a rerun touches every file of the dataset, and pathlib's
+# parsing and comparisons would cost more than the stat and caption read it needs.
+
+
+def list_files(folder: Path | str, suffixes: set[str]) -> list[str]:
+    """Absolute paths of the files under `folder` with one of `suffixes`, sorted; hidden files and folders
+    (.DS_Store, ._x.jpg, .git) are passed over."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(str(folder)):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in suffixes]
+    return sorted(found)
+
+
+def inspect_files(paths: list[str], records: FileRecords) -> tuple[dict[str, FileRecord], int]:
+    """A FileRecord per path: remembered when the file is unchanged, else inspected now (in threads).
+    Returns the records and how many files were decoded."""
+    out: dict[str, FileRecord] = {}
+    todo: list[tuple[str, int, int]] = []
+    for path in paths:
+        try:
+            stat = os.stat(path)
+        except OSError as e:
+            out[path] = FileRecord(0, 0, reason="unreadable", detail=f"{path}: {e.strerror or e}")
+            continue
+        known = records.lookup(path, stat.st_size, stat.st_mtime_ns)
+        if known is None:
+            todo.append((path, stat.st_size, stat.st_mtime_ns))
+        else:
+            out[path] = known
+
+    def inspect(job: tuple[str, int, int]) -> tuple[str, FileRecord]:
+        path, size, mtime_ns = job
+        try:
+            facts = inspect_image(path)
+            return path, FileRecord(size, mtime_ns, facts.sha256, facts.width, facts.height)
+        except ImageRejected as e:
+            return path, FileRecord(size, mtime_ns, reason=e.reason, detail=str(e))
+
+    if todo:
+        with ThreadPoolExecutor(WORKERS) as pool, tqdm(total=len(todo), desc="prepare", unit="img") as bar:
+            for path, record in pool.map(inspect, todo):
+                records.add(path, record)
+                out[path] = record
+                bar.update()
+        records.commit()
+    return out, len(todo)
+
+
+@dataclass
+class Skip:
+    dataset: str
+    file: str
+    reason: str
+    detail: str
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "file": self.file, "reason": self.reason, "detail": self.detail}
+
+
+def _relative(path: str, folder: str) -> str:
+    """`path` relative to `folder` (which contains it), with / separators."""
+    return path[len(folder) + 1:].replace(os.sep, "/")
+
+
+def _reference_index(dataset: Dataset, extensions: set[str]) -> dict[str, list[str]]:
+    """Files of a conditioning dataset by relative path without extension (pairing ignores extensions)."""
+    index: dict[str, list[str]] = {}
+    folder = str(dataset.folder)
+    for path in list_files(folder, extensions):
+        index.setdefault(os.path.splitext(_relative(path, folder))[0], []).append(path)
+    return index
 
 
 def prepare(params: Params, root: Path) -> dict:
-    """Scan `prepare.instance_data_dir`, write images.jsonl, captions.jsonl and report.json. Returns the report."""
+    """Scan every dataset of `prepare`, write images.jsonl, captions.jsonl and report.json. Returns the report."""
+    started = time.perf_counter()
     cfg = params.prepare
+    root = Path(root).resolve()
     layout = layout_for(root, params.output_dir)
-    data_dir = (root / cfg.instance_data_dir).resolve()
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"prepare.instance_data_dir: {data_dir} is not a folder; put images (with "
-                                f"{cfg.caption_extension} captions beside them) there or change params.yaml")
+    data_root = (root / cfg.data_root).resolve()
+    if layout.output_dir.resolve() == data_root or data_root in layout.output_dir.resolve().parents:
+        raise ValueError(f"prepare.data_root ({data_root}) contains output_dir: DVC would see the pipeline's own "
+                         "outputs as its input; point data_root at the folder holding the datasets")
+    datasets = resolve_datasets(cfg, root)
     extensions = {e.lower() for e in cfg.image_extensions}
-    candidates = sorted(p for p in data_dir.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    multi = len(datasets) > 1
+    root_prefix = str(root) + os.sep
 
-    images, captions, skipped = [], [], []
-    for path in tqdm(candidates, desc="prepare", unit="img"):
-        rel = path.relative_to(data_dir).as_posix()
-        try:
-            caption = read_caption(path, cfg.caption_extension)
-            image = open_rgb(path, minimum_side=cfg.minimum_image_size)
-        except ImageRejected as e:
-            skipped.append({"file": rel, "reason": e.reason, "detail": str(e)})
-            log.warning("skipped %s", e)
+    def manifest_path(path: str) -> str:  # relative to the project root when inside it (portable), else absolute
+        return path[len(root_prefix):].replace(os.sep, "/") if path.startswith(root_prefix) else path
+
+    # 1. captions first: they are cheap, and an image without one is skipped without being decoded
+    skipped: list[Skip] = []
+    candidates: list[tuple[Dataset, str, str, str]] = []  # dataset, path, rel, caption
+    counted: Counter = Counter()
+    for dataset in datasets:
+        caption_for = caption_source(dataset.options, dataset.folder, root)
+        folder = str(dataset.folder)
+        for path in list_files(folder, extensions | UNSUPPORTED_IMAGE_SUFFIXES):
+            rel = _relative(path, folder)
+            counted[dataset.id] += 1
+            suffix = os.path.splitext(path)[1]
+            if suffix.lower() not in extensions:
+                skipped.append(Skip(dataset.id, rel, "unsupported_format",
+                                    f"{path}: {suffix} is not one of prepare.image_extensions; convert it"))
+                continue
+            try:
+                candidates.append((dataset, path, rel, caption_for(path, rel)))
+            except ImageRejected as e:
+                skipped.append(Skip(dataset.id, rel, e.reason, str(e)))
+
+    # 2. references, paired by name: a missing one is an error, not a skip (an edit LoRA without its pair is wrong)
+    reference_indexes = {c.id: _reference_index(c, extensions) for d in datasets for c in d.conditioning}
+    references: dict[str, list[tuple[Dataset, str]]] = {}
+    for dataset, path, rel, _ in candidates:
+        stem = os.path.splitext(rel)[0]
+        for cond in dataset.conditioning:
+            matches = reference_indexes[cond.id].get(stem)
+            if not matches:
+                raise FileNotFoundError(f"conditioning_data: no reference for {rel} in {cond.folder} (expected "
+                                        f"{cond.folder / stem}.png or another image extension); every edit image "
+                                        "needs a reference file with the same name")
+            references.setdefault(path, []).append((cond, matches[0]))
+
+    # 3. decode what is new or changed, remember the outcome
+    to_inspect = sorted({p for _, p, _, _ in candidates} | {r for refs in references.values() for _, r in refs})
+    with FileRecords(layout.prepare_records) as records:
+        facts, inspected = inspect_files(to_inspect, records)
+        records.forget_except(set(to_inspect))
+
+    # 4. accept, bucket and crop
+    images, captions = [], []
+    for dataset, path, rel, caption in candidates:
+        record = facts[path]
+        if record.reason:
+            skipped.append(Skip(dataset.id, rel, record.reason, record.detail))
             continue
-        images.append({"id": rel, "path": str(Path(cfg.instance_data_dir) / rel), "sha256": file_sha256(path),
-                       "width": image.size[0], "height": image.size[1]})
-        captions.append({"id": rel, "caption": caption})
+        small = too_small(record.width, record.height, dataset.options)
+        if small:
+            skipped.append(Skip(dataset.id, rel, "too_small", f"{path}: {small}"))
+            continue
+        plan = plan_crop(record.width, record.height, dataset.options, record.sha256)
+        image_id = f"{dataset.id}/{rel}" if multi else rel
+        row = {"id": image_id, "dataset": dataset.id, "path": manifest_path(path), "sha256": record.sha256,
+               "width": record.width, "height": record.height, **plan.to_json(), "repeats": dataset.options.repeats}
+        refs = []
+        for cond, ref_path in references.get(path, []):
+            ref = facts[ref_path]
+            if ref.reason:
+                refs = None
+                skipped.append(Skip(dataset.id, rel, f"reference_{ref.reason}",
+                                    f"its reference {ref_path} is unusable: {ref.detail}"))
+                break
+            ref_plan = (plan_like if cond.conditioning_type == "reference_strict" else plan_loose)(
+                ref.width, ref.height, plan)
+            refs.append({"dataset": cond.id, "path": manifest_path(ref_path), "sha256": ref.sha256,
+                         "type": cond.conditioning_type, "width": ref.width, "height": ref.height,
+                         **ref_plan.to_json()})
+        if refs is None:
+            continue
+        if dataset.conditioning:
+            row["references"] = refs
+        images.append(row)
+        captions.append({"id": image_id, "caption": caption})
 
+    for s in skipped:
+        log.warning("skipped %s (%s): %s", s.file, s.reason, s.detail)
     if not images:
-        raise ValueError(f"prepare: no usable images in {data_dir} ({len(skipped)} skipped: "
-                         f"{dict(Counter(s['reason'] for s in skipped))}); see the warnings above")
-    report = {"dataset_dir": cfg.instance_data_dir, "candidates": len(candidates), "accepted": len(images),
-              "skipped": len(skipped), "skipped_by_reason": dict(sorted(Counter(s["reason"] for s in skipped).items())),
-              "skipped_files": skipped}
+        raise ValueError(f"prepare: no usable images in {', '.join(str(d.folder) for d in datasets)} "
+                         f"({len(skipped)} skipped: {dict(Counter(s.reason for s in skipped))}); see report.json")
+    seconds = time.perf_counter() - started
+    report = build_report(cfg.data_root, datasets, counted, images, skipped, inspected, len(to_inspect) - inspected,
+                          seconds, root)
     write_jsonl_atomic(layout.images_manifest, images)
     write_jsonl_atomic(layout.captions_manifest, captions)
     write_json_atomic(layout.prepare_report, report)
-    log.info("prepare: %d images accepted, %d skipped %s", len(images), len(skipped), report["skipped_by_reason"])
-    return report
+    log.info("prepare: %d images accepted, %d skipped %s; %d decoded, %d remembered (%.1fs)", len(images),
+             len(skipped), report["skipped_by_reason"], inspected, len(to_inspect) - inspected, seconds)
+    return {k: report[k] for k in ("candidates", "accepted", "skipped", "skipped_by_reason", "buckets", "inspected",
+                                   "remembered")}
+
+
+def build_report(data_root: str, datasets: list[Dataset], counted: Counter, images: list[dict], skipped: list[Skip],
+                 inspected: int, remembered: int, seconds: float, root: Path) -> dict:
+    """The prepare report: totals, per-dataset and per-reason counts, every skipped file, bucket sizes."""
+    by_reason = lambda skips: dict(sorted(Counter(s.reason for s in skips).items()))  # noqa: E731
+    accepted = Counter(row["dataset"] for row in images)
+    per_dataset = {d.id: {"folder": relative_to_root(d.folder, root), "candidates": counted[d.id],
+                          "accepted": accepted[d.id], "skipped": sum(s.dataset == d.id for s in skipped),
+                          "skipped_by_reason": by_reason([s for s in skipped if s.dataset == d.id]),
+                          "repeats": d.options.repeats,
+                          "conditioning": [c.id for c in d.conditioning]} for d in datasets}
+    buckets = Counter(f"{row['bucket'][0]}x{row['bucket'][1]}" for row in images)
+    return {"data_root": data_root, "datasets": per_dataset, "candidates": sum(counted.values()),
+            "accepted": len(images), "skipped": len(skipped), "skipped_by_reason": by_reason(skipped),
+            "skipped_files": [s.to_json() for s in sorted(skipped, key=lambda s: (s.dataset, s.file))],
+            "buckets": dict(sorted(buckets.items())), "inspected": inspected, "remembered": remembered,
+            "seconds": round(seconds, 3)}
+
+
+def log_prepare_report(mlflow, layout) -> None:
+    """Log the prepare report to the active MLflow run: counts as metrics (`prepare/accepted`,
+    `prepare/skipped/<reason>`) and report.json as an artifact under `prepare/`."""
+    if not layout.prepare_report.exists():
+        return
+    report = json.loads(layout.prepare_report.read_text())
+    metrics = {"prepare/candidates": report["candidates"], "prepare/accepted": report["accepted"],
+               "prepare/skipped": report["skipped"]}
+    metrics.update({f"prepare/skipped/{reason}": n for reason, n in report["skipped_by_reason"].items()})
+    mlflow.log_metrics(metrics)
+    mlflow.log_artifact(str(layout.prepare_report), artifact_path="prepare")
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines manifest; FileNotFoundError naming the stage to run when it is missing."""
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the stage that writes it first (dvc repro / flux2lora stage)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,47 +1,111 @@
-"""The model card (README.md) published beside a LoRA. It never contains tokens, keys or environment values."""
+"""The model card (README.md) published beside a LoRA, on S3 and on the Hugging Face Hub.
+
+Its YAML front matter is what the Hub reads (base_model, licence, tags, instance_prompt); the body says what the
+LoRA is, how it was trained, and how to load it in diffusers and ComfyUI. It is built only from the arguments
+below: never from the environment, so tokens and keys cannot end up in it.
+"""
 
 from __future__ import annotations
 
-LICENCE_NOTES = {
-    "apache-2.0": "The base model is released under Apache-2.0; this LoRA may be used commercially.",
-    "flux-non-commercial-license": "The base model is under the FLUX Non-Commercial License: non-commercial use only.",
-    "flux-dev-non-commercial-license": "The base model is under the FLUX.1 [dev] Non-Commercial License: "
-                                       "non-commercial use only.",
+from dataclasses import dataclass
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Licence:
+    hub_id: str  # the Hub's `license:` value; "other" with a name for licences the Hub does not list
+    name: str
+    note: str
+
+
+LICENCES = {
+    "apache-2.0": Licence("apache-2.0", "apache-2.0",
+                          "The base model is released under Apache-2.0; this LoRA may be used commercially."),
+    "flux-non-commercial-license": Licence(
+        "other", "flux-non-commercial-license",
+        "The base model is under the FLUX Non-Commercial License: this LoRA and its outputs are for "
+        "non-commercial use only."),
+    "flux-dev-non-commercial-license": Licence(
+        "other", "flux-dev-non-commercial-license",
+        "The base model is under the FLUX [dev] Non-Commercial License: this LoRA and its outputs are for "
+        "non-commercial use only."),
 }
+
+
+def yaml_scalar(value: str | None) -> str:
+    """A value for the front matter, quoted only when YAML needs it (a trigger phrase like "sks: dog")."""
+    if value is None:
+        return "null"
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 30).removesuffix("\n...\n").strip()
+
+
+def licence_of(licence: str) -> Licence:
+    return LICENCES.get(licence, Licence("other", licence, "See the base model's licence."))
 
 
 def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: str, trigger_phrase: str,
                rank: int, alpha: float, steps: int, final_loss: float, dataset_hash: str, run_id: str,
-               grid_file: str | None) -> str:
-    """Markdown with YAML front matter (what the Hugging Face Hub reads) and a diffusers loading example."""
+               grid_file: str | None, diffusers_file: str = "pytorch_lora_weights.safetensors",
+               bfl_file: str | None = None, repo_id: str | None = None, base_model_url: str | None = None,
+               git_commit: str | None = None) -> str:
+    """Markdown with YAML front matter and loading examples.
+
+    `repo_id`: where the card will live on the Hub (the examples load from it), else a local folder is assumed.
+    `base_model_url`: a link to the base model's page (its licence text); omitted for local base models.
+    """
+    lic = licence_of(licence)
     trigger = trigger_phrase or "(none)"
     prompt = f"{trigger_phrase}, " if trigger_phrase else ""
-    sample = f"\n![validation samples]({grid_file})\n" if grid_file else ""
+    source = repo_id or "path/to/this/folder"
+    licence_front = f"license: {lic.hub_id}"
+    if lic.hub_id == "other":
+        licence_front += f"\nlicense_name: {lic.name}" + (f"\nlicense_link: {base_model_url}" if base_model_url else "")
+    sample = f"\n![validation samples: base model and with the LoRA]({grid_file})\n" if grid_file else ""
+    files = f"| `{diffusers_file}` | diffusers format (`transformer.<module>.lora_A/B.weight`); recent ComfyUI |\n"
+    if bfl_file:
+        files += (f"| `{bfl_file}` | BFL / ComfyUI layout (`diffusion_model.double_blocks.N.img_attn.qkv...`), "
+                  "alpha already applied |\n")
+    comfy = (f"""
+## Use it in ComfyUI
+
+Copy `{bfl_file}` into `ComfyUI/models/loras/` and apply it to the FLUX.2 {flavour} model with a
+*LoraLoaderModelOnly* node at strength 1.0 (lower it to weaken the effect).
+""" if bfl_file else "")
+    commit_row = f"| git commit | `{git_commit}` |\n" if git_commit else ""
     return f"""---
-base_model: {base_model}
+base_model: {yaml_scalar(base_model)}
 library_name: diffusers
-license: {licence}
+{licence_front}
+pipeline_tag: text-to-image
 tags:
 - flux2
+- flux2-{flavour.removeprefix("tiny-")}
 - lora
 - text-to-image
 - flux2lora
-instance_prompt: {trigger_phrase or "null"}
+instance_prompt: {yaml_scalar(trigger_phrase or None)}
 ---
 
 # FLUX.2 {flavour} LoRA
 
-Trained with flux2lora on `{base_model}` ({flavour}).
+A LoRA for `{base_model}` (FLUX.2 {flavour}), trained with flux2lora.
 
 | | |
 |---|---|
+| base model | `{base_model}` ({flavour}) |
 | trigger phrase | {trigger} |
 | rank / alpha | {rank} / {alpha:g} |
 | training steps | {steps} |
 | final loss | {final_loss:.4f} |
 | dataset (DVC hash) | `{dataset_hash}` |
 | MLflow run | `{run_id}` |
-{sample}
+{commit_row}{sample}
+## Files
+
+| file | format |
+|---|---|
+{files}
 ## Use it with diffusers
 
 ```python
@@ -49,11 +113,15 @@ import torch
 from diffusers import {pipeline_class}
 
 pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("path/or/repo-of-this-lora", weight_name="pytorch_lora_weights.safetensors")
-image = pipe("{prompt}a photo", num_inference_steps=28).images[0]
+pipe.load_lora_weights("{source}", weight_name="{diffusers_file}", adapter_name="lora")
+pipe.set_adapters(["lora"], adapter_weights=[1.0])  # LoRA strength
+image = pipe("{prompt}a photo", num_inference_steps=50, guidance_scale=4.0).images[0]
+image.save("lora.png")
 ```
 
+Or from the command line: `flux2lora generate --lora {diffusers_file} --prompt "{prompt}a photo" --scale 1.0`.
+{comfy}
 ## Licence
 
-{LICENCE_NOTES.get(licence, "See the base model's licence.")}
+{lic.note}
 """

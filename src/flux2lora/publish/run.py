@@ -1,55 +1,111 @@
-"""The `publish` stage: the LoRA, its model card and the validation grid into `outputs/publish/`, then S3."""
+"""The `publish` stage: the LoRA in two formats, its model card, samples and params into `outputs/publish/`, then
+S3, the Hugging Face Hub and the MLflow model registry, each when configured.
+
+Order matters: the folder is assembled first; S3 and the Hub receive it; only a LoRA that reached every
+configured destination is registered (alias `candidate`), with those locations as version tags. A failure stops
+the stage before the registry, and the S3 folder is left without its manifest (see `s3.py`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
 from .. import tracking
 from ..config import Params
+from ..export import export_bfl
 from ..io import write_json_atomic, write_text_atomic
 from ..layout import layout_for
+from ..train.lora import read_lora_metadata
 from .model_card import model_card
-from .s3 import upload_folder
+from .s3 import MIB, TransferSettings, sha256_of, upload_folder
 
 log = logging.getLogger(__name__)
 
+SAMPLES = "samples.png"
+
+
+def bfl_file_name(run_name: str) -> str:
+    """`<run-name>_bfl.safetensors`, the name ComfyUI lists it under (unsafe characters replaced)."""
+    return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', run_name).strip('._') or 'lora'}_bfl.safetensors"
+
+
+def transfer_settings(params: Params) -> TransferSettings:
+    cfg = params.publish
+    return TransferSettings(multipart_threshold=int(cfg.s3_multipart_threshold_mb * MIB),
+                            multipart_chunksize=int(cfg.s3_multipart_chunksize_mb * MIB),
+                            max_attempts=cfg.s3_max_attempts)
+
 
 def publish(params: Params, root: Path) -> dict:
-    """Assemble the publish folder; upload it when `publish.s3_uri` is set; record locations in MLflow."""
+    """Assemble the publish folder; upload it to S3 / the Hub when configured; tag the MLflow run; register.
+
+    Returns (and writes to `publish.json`) {"folder", "files", "s3", "hub", "registered_model"}.
+    """
     layout = layout_for(root, params.output_dir)
     run_id = tracking.read_run_id(layout.run_file)
     run_name = json.loads(layout.run_file.read_text()).get("run_name") or run_id
     metrics = json.loads(layout.train_metrics.read_text())
+    lora_meta = read_lora_metadata(layout.lora_file)
+    mlflow = tracking.configure(params, root)
+    train_tags = mlflow.get_run(run_id).data.tags
+
     out = layout.publish_dir
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    shutil.copy2(layout.lora_file, out / layout.lora_file.name)
+    diffusers_file = out / layout.lora_file.name
+    shutil.copy2(layout.lora_file, diffusers_file)
+    bfl_file = export_bfl(layout.lora_file, out / bfl_file_name(run_name))
     grid = layout.validation_dir / "grid.png"
     if grid.exists():
-        shutil.copy2(grid, out / "samples.png")
-    cfg, flavour = params.train, params.model.flavour
+        shutil.copy2(grid, out / SAMPLES)
+
+    cfg, flavour, model = params.publish, params.model.flavour, params.model
+    dataset_hash = lora_meta.get("flux2lora.dataset_dvc_hash") or \
+        tracking.dataset_dvc_hash(root, params.prepare.data_root)
+    is_hub_model = not Path(model.model_path).exists()
     write_text_atomic(out / "README.md", model_card(
-        base_model=params.model.model_path, flavour=params.model.model_flavour,
-        pipeline_class=flavour.pipeline_class, licence=flavour.licence,
-        trigger_phrase=params.publish.trigger_phrase, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,
-        steps=metrics["steps"], final_loss=metrics["final_loss"],
-        dataset_hash=tracking.dataset_dvc_hash(root, params.prepare.instance_data_dir), run_id=run_id,
-        grid_file="samples.png" if grid.exists() else None))
-    # Only non-secret params are written (params.yaml holds no credentials by design).
+        base_model=model.model_path, flavour=model.model_flavour, pipeline_class=flavour.pipeline_class,
+        licence=flavour.licence, trigger_phrase=cfg.trigger_phrase,
+        rank=int(lora_meta.get("flux2lora.rank", params.train.lora_rank)),
+        alpha=float(lora_meta.get("flux2lora.alpha", params.train.lora_alpha or params.train.lora_rank)),
+        steps=metrics["steps"], final_loss=metrics["final_loss"], dataset_hash=dataset_hash, run_id=run_id,
+        grid_file=SAMPLES if grid.exists() else None, diffusers_file=diffusers_file.name, bfl_file=bfl_file.name,
+        repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_path}" if is_hub_model else None,
+        git_commit=train_tags.get("git_commit")))
+    # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
 
-    result = {"folder": str(out), "files": sorted(p.name for p in out.iterdir()), "s3": None}
-    if params.publish.s3_uri:
-        uri = f"{params.publish.s3_uri.rstrip('/')}/{run_name}"
-        result["s3"] = upload_folder(out, uri, params.publish.s3_endpoint_url)["uri"]
-    mlflow = tracking.configure(params, root)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.set_tags({"published_folder": str(out), **({"published_s3": result["s3"]} if result["s3"] else {})})
-        mlflow.log_artifact(str(out / "README.md"), artifact_path="publish")
+    result = {"folder": str(out), "files": sorted(p.name for p in out.iterdir()), "s3": None, "hub": None,
+              "registered_model": None}
+    if cfg.s3_uri:
+        uri = f"{cfg.s3_uri.rstrip('/')}/{run_name}"
+        result["s3"] = upload_folder(out, uri, cfg.s3_endpoint_url, settings=transfer_settings(params))["uri"]
+    if cfg.hub_repo_id:
+        from .hub import push_to_hub
+
+        result["hub"] = push_to_hub(out, cfg.hub_repo_id, private=cfg.hub_private,
+                                    commit_message=f"LoRA from MLflow run {run_id} ({run_name})")["url"]
+
+    with mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags({"published_folder": str(out),
+                         **({"published_s3": result["s3"]} if result["s3"] else {}),
+                         **({"published_hub": result["hub"]} if result["hub"] else {})})
+        mlflow.log_artifacts(str(out), artifact_path="publish")
+        if cfg.registered_model_name:
+            from ..registry import register_lora
+
+            version = register_lora(cfg.registered_model_name, run_id, f"{run.info.artifact_uri}/publish", tags={
+                "git_commit": train_tags.get("git_commit"), "dataset_dvc_hash": dataset_hash,
+                "flavour": model.model_flavour, "base_model": model.model_path,
+                "lora_sha256": sha256_of(diffusers_file), "lora_file": diffusers_file.name,
+                "bfl_file": bfl_file.name, "s3_uri": result["s3"], "hub_url": result["hub"]})
+            result["registered_model"] = {"name": cfg.registered_model_name, "version": str(version.version)}
     write_json_atomic(layout.output_dir / "publish.json", result)
-    log.info("publish: %s%s", out, f" and {result['s3']}" if result["s3"] else "")
+    log.info("publish: %s%s%s", out, f", {result['s3']}" if result["s3"] else "",
+             f", {result['hub']}" if result["hub"] else "")
     return result

@@ -13,22 +13,28 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .. import tracking
+from .. import faults, tracking
 from ..cache.latents import read_latent_index
 from ..cache.store import TensorStore
 from ..cache.text import read_text_index
 from ..config import Params, TrainParams
+from ..data.prepare import log_prepare_report
+from ..data.sampling import BucketBatches
 from ..io import write_json_atomic
-from ..latents import pack, target_ids, text_ids
+from ..latents import pack
 from ..layout import layout_for
-from ..models import component_identity, describe_model, load_transformer, pipeline_class, resolve_device, torch_dtype
+from ..models import (component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device,
+                      torch_dtype)
+from ..validate.during_training import TrainingValidator
 from .checkpoint import latest_matching, save_checkpoint
+from .forward import pick_references, predict
+from .tread import TreadRouter, parse_routes
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, save_diffusers_lora, target_modules
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,9 @@ class Sample:
     image_id: str
     latent_key: str
     text_key: str
+    reference_keys: list[str] = field(default_factory=list)  # edit training: the image's references, in order
+    bucket: tuple[int, int] = (0, 0)  # (width, height) of its aspect bucket: a batch holds one bucket
+    repeats: int = 0  # extra appearances per epoch (its dataset's `repeats`)
 
 
 def load_samples(layout) -> tuple[list[Sample], str]:
@@ -53,7 +62,10 @@ def load_samples(layout) -> tuple[list[Sample], str]:
     latent_index = read_latent_index(layout)
     text_index = read_text_index(layout)
     captions = text_index["captions"]
-    samples = [Sample(i, k, captions[i]) for i, k in sorted(latent_index["images"].items()) if i in captions]
+    references = latent_index.get("references", {})
+    buckets, repeats = latent_index.get("buckets", {}), latent_index.get("repeats", {})
+    samples = [Sample(i, k, captions[i], references.get(i, []), tuple(buckets.get(i, (0, 0))), repeats.get(i, 0))
+               for i, k in sorted(latent_index["images"].items()) if i in captions]
     if not samples:
         raise ValueError("train: no image has both a cached latent and a caption embedding; re-run the encode stages")
     return samples, text_index["empty"]
@@ -98,24 +110,6 @@ def warn_if_guidance_ignored(params: Params) -> None:
                       "is ignored (only dev trains with distilled guidance)", UserWarning, stacklevel=2)
 
 
-class Batches:
-    """Deterministic batches: epoch e is a permutation drawn from seed + e, so step k's batch is a pure function
-    of (seed, k) and needs no state to resume."""
-
-    def __init__(self, samples: list[Sample], batch_size: int, seed: int):
-        if batch_size > len(samples):
-            raise ValueError(f"train.train_batch_size={batch_size} is larger than the dataset ({len(samples)} "
-                             "images); lower it or add images")
-        self.samples, self.batch_size, self.seed = samples, batch_size, seed
-        self.per_epoch = len(samples) // batch_size  # last partial batch dropped: every batch has one shape
-
-    def at(self, step: int) -> list[Sample]:
-        epoch, index = divmod(step, self.per_epoch)
-        order = torch.randperm(len(self.samples), generator=torch.Generator().manual_seed(self.seed + epoch))
-        picked = order[index * self.batch_size:(index + 1) * self.batch_size]
-        return [self.samples[i] for i in picked.tolist()]
-
-
 def train(params: Params, root: Path) -> dict:
     """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json."""
     cfg = params.train
@@ -123,17 +117,18 @@ def train(params: Params, root: Path) -> dict:
     device = resolve_device(params.model.device)
     samples, empty_key = load_samples(layout)
     latent_store, text_store = TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir)
-    batches = Batches(samples, cfg.train_batch_size, cfg.seed)
+    batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
     run_fingerprint = fingerprint(params, layout)
     warn_if_guidance_ignored(params)
 
     torch.manual_seed(cfg.seed)
-    transformer = load_transformer(params.model, device)
-    transformer.requires_grad_(False)
+    transformer = load_training_transformer(params.model, device, cfg.base_model_precision, cfg.quantize_via)
     targets = target_modules(transformer, cfg.flux_lora_target)
     lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    router = TreadRouter(parse_routes(cfg.tread_config), len(transformer.transformer_blocks)
+                         + len(transformer.single_transformer_blocks)) if cfg.tread_config else None
     transformer.train()
 
     optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -146,6 +141,8 @@ def train(params: Params, root: Path) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
     noise_generator = torch.Generator().manual_seed(cfg.seed)  # CPU: identical draws on every device
+    # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
+    validator = TrainingValidator.for_training(params, root, transformer, device)
 
     start_step, run_id = 0, None
     resumed = latest_matching(layout.checkpoints_dir, run_fingerprint) if cfg.resume_from_checkpoint else None
@@ -162,13 +159,15 @@ def train(params: Params, root: Path) -> dict:
 
     mlflow = tracking.configure(params, root)
     model_info = describe_model(params.model)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name) as run:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name,
+                          log_system_metrics=params.runtime.log_system_metrics()) as run:
         if run_id is None:
             tracking.log_params_flat(mlflow, params)
             mlflow.set_tags({"git_commit": tracking.git_commit(root),
-                             "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.instance_data_dir),
+                             "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.data_root),
                              "flavour": params.model.model_flavour, "base_model": params.model.model_path,
                              "lora_targets": cfg.flux_lora_target, "num_lora_modules": len(targets)})
+            log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
         mlflow.set_tag("resumed_from_step", start_step)
         losses, last_loss, step_time = [], float("nan"), 0.0
         progress = tqdm(range(start_step, cfg.max_train_steps), desc="train", unit="step", initial=start_step,
@@ -186,13 +185,14 @@ def train(params: Params, root: Path) -> dict:
                 if params.model.flavour.guidance_embeds else None
             s = sigmas.view(-1, 1, 1, 1)
             noisy = (1.0 - s) * x0 + s * noise
-            model_dtype = transformer.dtype
+            references = None
+            if any(sample.reference_keys for sample in batch):
+                picked = pick_references([sample.reference_keys for sample in batch],
+                                         cfg.conditioning_multidataset_sampling, noise_generator)
+                references = [[latent_store.get(key)["latents"].float() for key in keys] for keys in picked]
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                prediction = transformer(hidden_states=pack(noisy).to(model_dtype),
-                                         encoder_hidden_states=prompt_embeds.to(model_dtype),
-                                         timestep=sigmas.to(model_dtype), guidance=guidance,
-                                         img_ids=target_ids(noisy).to(device), txt_ids=text_ids(prompt_embeds).to(device),
-                                         return_dict=False)[0]
+                prediction = predict(transformer, noisy, prompt_embeds, sigmas, guidance, references, router,
+                                     noise_generator)
             loss = torch.nn.functional.mse_loss(prediction.float(), pack(noise - x0).float())
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -213,8 +213,10 @@ def train(params: Params, root: Path) -> dict:
             done = step + 1
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if done % cfg.log_every_n_steps == 0 or done == cfg.max_train_steps:
+                # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
                 mlflow.log_metrics({"loss": last_loss, "learning_rate": scheduler.get_last_lr()[0],
-                                    "grad_norm": float(grad_norm), "step_time_s": step_time}, step=done)
+                                    "grad_norm": float(grad_norm), "step_time_s": step_time}, step=done,
+                                   synchronous=False)
             if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                 save_checkpoint(layout.checkpoints_dir, done, lora_state_dict(transformer),
                                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -222,17 +224,22 @@ def train(params: Params, root: Path) -> dict:
                                  "torch_rng": torch.get_rng_state()},
                                 {"fingerprint": run_fingerprint, "mlflow_run_id": run.info.run_id, "loss": last_loss},
                                 keep=cfg.checkpoints_total_limit)
+            if validator is not None and validator.due(done):
+                validator.run(done, mlflow)
+            # FLUX2LORA_FAULT=train:step=N fails once here, after step N's checkpoint: the retry resumes from it
+            faults.maybe_fail("train", f"step={done}", layout.output_dir)
 
         metadata = {**model_info, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
                     "targets": cfg.flux_lora_target, "steps": cfg.max_train_steps,
                     "trigger_phrase": params.publish.trigger_phrase,
-                    "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.instance_data_dir),
+                    "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.data_root),
                     "mlflow_run_id": run.info.run_id}
         lora_file = save_diffusers_lora(transformer, pipeline_class(params.model), layout.lora_dir, metadata)
         mlflow.log_artifact(str(lora_file), artifact_path="lora")
         metrics = {"final_loss": last_loss, "steps": cfg.max_train_steps, "resumed_from_step": start_step,
                    "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
                    "lora_modules": len(targets), "last_step_time_s": step_time}
+        mlflow.flush_async_logging()
         mlflow.log_metrics({"final_loss": last_loss})
         write_json_atomic(layout.train_metrics, metrics)
         tracking.write_run_file(layout.run_file, run)

@@ -1,0 +1,260 @@
+"""Dataset configuration in the seed trainer's (SimpleTuner's) `multidatabackend.json` vocabulary.
+
+`prepare.datasets` is a list of backends with the seed's keys (`id`, `type: local`, `instance_data_dir`, `crop`,
+`crop_aspect`, `crop_style`, `resolution`, `resolution_type`, `minimum_image_size`, `repeats`, `caption_strategy`,
+`conditioning_data`, `dataset_type`, ...). The same per-dataset keys may also be set directly under `prepare`, where
+they are the defaults of every listed dataset, as the seed's global options are; with no `datasets` list, `prepare`
+itself describes the one dataset (`prepare.instance_data_dir`).
+
+Every dataset folder must lie inside `prepare.data_root`, the one folder DVC watches for the prepare stage: DVC cannot
+template a list into `deps`, so a folder outside it would change without `dvc repro` noticing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Aspect ratios (width / height) offered by crop_aspect closest / random when crop_aspect_buckets is not set:
+# the common photo and screen formats, portrait and landscape.
+DEFAULT_ASPECT_BUCKETS = (0.5, 0.5625, 0.6667, 0.75, 0.8, 1.0, 1.25, 1.3333, 1.5, 1.7778, 2.0)
+
+# Units of `resolution` / `minimum_image_size` per resolution_type.
+MEGAPIXEL = 1_000_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ParquetConfig(_Strict):
+    """Captions from a metadata table (the seed's `parquet` block): a .parquet or .jsonl file, one row per image."""
+
+    path: str  # relative to the dataset folder, or to the project root, or absolute
+    filename_column: str = "filename"
+    caption_column: str = "caption"
+    fallback_caption_column: str | None = None  # used where caption_column is empty
+    # false: the column holds file names without extension (matched against any image extension)
+    identifier_includes_extension: bool = False
+    # Accepted for compatibility; sizes are always read from the images themselves (each is validated anyway).
+    width_column: str | None = None
+    height_column: str | None = None
+
+
+class DatasetOptions(_Strict):
+    """Per-dataset keys that may also be given once under `prepare` as defaults for every dataset."""
+
+    # Cropping. crop false: the image keeps its aspect ratio (only the <16 px needed to align to 16 is trimmed).
+    crop: bool = False
+    crop_aspect: Literal["square", "closest", "preserve", "random"] = "square"
+    crop_aspect_buckets: list[float] | None = None  # width/height ratios for closest / random
+    crop_style: Literal["center", "centre", "random", "corner"] = "random"
+    # pixel: shorter side in px; pixel_area: side of the square of equal area, px; area: megapixels.
+    resolution: int | float = Field(1024, gt=0)
+    resolution_type: Literal["pixel", "pixel_area", "area"] = "pixel"
+    # Smaller images are skipped (in resolution_type's unit). Images larger than maximum_image_size are downsampled
+    # before cropping, which flux2lora does for every image (it resizes to cover the bucket, as the pipelines do),
+    # so maximum_image_size is accepted for the seed's configs and changes nothing.
+    minimum_image_size: int | float | None = Field(None, ge=0)
+    maximum_image_size: int | float | None = Field(None, ge=0)
+    repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (0: once), as in the seed
+    caption_strategy: Literal["textfile", "filename", "instanceprompt", "parquet"] = "textfile"
+    caption_extension: str = ".txt"  # textfile: the caption file beside each image
+    instance_prompt: str | None = None  # the caption of every image (instanceprompt), or the prefix (prepend_...)
+    prepend_instance_prompt: bool = False
+    metadata_backend: Literal["discovery", "parquet", "json"] = "discovery"
+    parquet: ParquetConfig | None = None
+    # The seed's per-dataset VAE cache folder. Latents live in one content-addressed store (output_dir/latents, a
+    # DVC output) shared by all datasets, so this is accepted and has no effect.
+    cache_dir_vae: str | None = None
+    # Edit / reference training: ids of `dataset_type: conditioning` datasets (or folder paths) paired by file name.
+    conditioning_data: list[str] = []
+    conditioning_type: Literal["reference_strict", "reference_loose"] | None = None
+    disabled: bool = False
+
+    @field_validator("conditioning_data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("crop_aspect_buckets")
+    @classmethod
+    def _positive_ratios(cls, value):
+        if value is not None and (not value or any(r <= 0 for r in value)):
+            raise ValueError("crop_aspect_buckets must be a non-empty list of positive width/height ratios")
+        return value
+
+
+class DatasetConfig(DatasetOptions):
+    """One entry of `prepare.datasets` (one backend of the seed's multidatabackend.json)."""
+
+    id: str = Field(min_length=1)
+    type: Literal["local"] = "local"
+    dataset_type: Literal["image", "conditioning", "text_embeds"] = "image"
+    instance_data_dir: str | None = None
+    # text_embeds entries: the text cache lives in output_dir/text_embeds (content-addressed, a DVC output), so
+    # `cache_dir` and `default` are accepted and have no effect; `write_batch_size` sets encode_text's.
+    default: bool = False
+    cache_dir: str | None = None
+    write_batch_size: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _needs_a_folder(self):
+        if self.dataset_type != "text_embeds" and not self.instance_data_dir:
+            raise ValueError(f"dataset {self.id!r} ({self.dataset_type}) needs instance_data_dir")
+        return self
+
+
+@dataclass
+class Dataset:
+    """A dataset with its defaults applied and its folder resolved; what `prepare` works from."""
+
+    id: str
+    kind: Literal["image", "conditioning"]
+    folder: Path  # absolute
+    options: DatasetOptions
+    conditioning: list["Dataset"] = field(default_factory=list)  # image datasets: their reference datasets, in order
+
+    @property
+    def conditioning_type(self) -> str:
+        return self.options.conditioning_type or "reference_strict"
+
+
+def check_datasets(prepare) -> None:
+    """Cross-entry rules of `prepare` (called by its validator): unique ids, one way to name the dataset, a caption
+    source per image dataset, conditioning_data naming conditioning datasets (names that are no dataset's id are
+    read as folders when prepare runs)."""
+    entries = prepare.datasets
+    if entries and prepare.instance_data_dir:
+        raise ValueError("set either prepare.instance_data_dir (one dataset) or prepare.datasets (several), not both")
+    ids = [d.id for d in entries]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"prepare.datasets: duplicate id(s) {duplicates}")
+    if sum(d.dataset_type == "text_embeds" and d.default for d in entries) > 1:
+        raise ValueError("prepare.datasets: only one text_embeds dataset can be the default")
+    kinds = {d.id: d.dataset_type for d in entries}
+    # with a list, the prepare-level keys are only defaults: each image dataset is checked as it will be used
+    checked = [(merged_options(prepare, d), d.id) for d in entries if d.dataset_type == "image"] if entries \
+        else [(prepare, "prepare")]
+    for options, name in checked:
+        if options.caption_strategy == "instanceprompt" and not options.instance_prompt:
+            raise ValueError(f"{name}: caption_strategy instanceprompt needs instance_prompt")
+        if options.caption_strategy == "parquet" and options.parquet is None:
+            raise ValueError(f"{name}: caption_strategy parquet needs a `parquet` block (path, caption_column, ...)")
+        for ref in options.conditioning_data:
+            if ref in kinds and kinds[ref] != "conditioning":
+                raise ValueError(f"{name}: conditioning_data {ref!r} is a {kinds[ref]} dataset; it must have "
+                                 "dataset_type: conditioning")
+    if entries and not any(d.dataset_type == "image" and not d.disabled for d in entries):
+        raise ValueError("prepare.datasets has no enabled image dataset to train on")
+
+
+def merged_options(prepare, entry: DatasetConfig) -> DatasetOptions:
+    """`entry`'s options, with what it does not set taken from the `prepare` level (the defaults)."""
+    names = DatasetOptions.model_fields
+    values = {name: getattr(prepare, name) for name in names}
+    values.update({name: getattr(entry, name) for name in entry.model_fields_set if name in names})
+    return DatasetOptions.model_validate(values)
+
+
+def apply_dataset_defaults(prepare) -> None:
+    """Fill each image / conditioning entry's unset keys from the prepare level, in place, once at load time: the
+    entries then hold the values prepare uses, and MLflow's params show exactly those."""
+    for i, entry in enumerate(prepare.datasets):
+        if entry.dataset_type == "text_embeds":
+            continue
+        merged = merged_options(prepare, entry).model_dump()
+        # item assignment, not attribute assignment: no re-validation of `prepare` (this runs inside it)
+        prepare.datasets[i] = DatasetConfig.model_validate({**entry.model_dump(), **merged})
+
+
+def text_embeds_write_batch_size(prepare) -> int | None:
+    """write_batch_size of the text_embeds entry (the default one if several), if it sets one."""
+    entries = [d for d in prepare.datasets if d.dataset_type == "text_embeds" and d.write_batch_size]
+    entries.sort(key=lambda d: not d.default)
+    return entries[0].write_batch_size if entries else None
+
+
+def training_side(prepare) -> int:
+    """Side in pixels (a multiple of 16) of the square with the largest dataset's training area: what memory and
+    speed estimates need. resolution_type pixel fixes the shorter side, so its non-square buckets are larger by their
+    aspect ratio; crop_aspect square gives exactly this size."""
+    entries = [merged_options(prepare, d) for d in prepare.datasets
+               if d.dataset_type == "image" and not d.disabled] or [prepare]
+    sides = [math.sqrt(o.resolution * MEGAPIXEL) if o.resolution_type == "area" else o.resolution for o in entries]
+    return max(16, math.floor(max(sides) / 16 + 0.5) * 16)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def resolve_datasets(prepare, root: Path) -> list[Dataset]:
+    """The enabled image datasets, each with its conditioning datasets, folders checked against `data_root`.
+
+    Raises FileNotFoundError for a missing folder and ValueError for one outside data_root (DVC would not see it).
+    """
+    data_root = (root / prepare.data_root).resolve()
+
+    def folder_of(path: str, what: str) -> Path:
+        folder = (root / path).resolve()
+        if not _inside(folder, data_root):
+            raise ValueError(f"{what}: {folder} is outside prepare.data_root ({data_root}). `dvc repro` watches only "
+                             "data_root for the prepare stage, so changes there would go unnoticed: move the folder "
+                             "under data_root, or set data_root to a folder that holds every dataset")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{what}: {folder} is not a folder")
+        return folder
+
+    if prepare.datasets:
+        entries = [d for d in prepare.datasets if not d.disabled and d.dataset_type != "text_embeds"]
+    else:
+        if not prepare.instance_data_dir:
+            raise ValueError("prepare: set instance_data_dir (a folder of images) or a list of datasets")
+        name = Path(prepare.instance_data_dir).name or "dataset"
+        entries = [DatasetConfig(id=name, instance_data_dir=prepare.instance_data_dir)]
+    by_id = {d.id: d for d in entries}
+
+    conditioning: dict[str, Dataset] = {}
+
+    def conditioning_dataset(ref: str, owner: str, default_type: str | None) -> Dataset:
+        # an id of a conditioning dataset, or (shorthand, and what older params used) a folder path
+        if ref not in conditioning:
+            if ref in by_id:
+                entry = by_id[ref]
+                options = merged_options(prepare, entry)
+                conditioning[ref] = Dataset(ref, "conditioning", folder_of(entry.instance_data_dir,
+                                                                           f"dataset {ref!r} instance_data_dir"),
+                                            options)
+            else:
+                options = DatasetOptions(conditioning_type=default_type)
+                what = f"{owner}: conditioning_data {ref!r} (no dataset has this id, so it is read as a folder)"
+                conditioning[ref] = Dataset(ref, "conditioning", folder_of(ref, what), options)
+        return conditioning[ref]
+
+    datasets = []
+    for entry in entries:
+        if entry.dataset_type != "image":
+            continue
+        options = merged_options(prepare, entry)  # single dataset: the entry sets nothing, prepare is all
+        folder = folder_of(entry.instance_data_dir, f"dataset {entry.id!r} instance_data_dir"
+                           if prepare.datasets else "prepare.instance_data_dir")
+        refs = [conditioning_dataset(ref, entry.id, options.conditioning_type) for ref in options.conditioning_data]
+        datasets.append(Dataset(entry.id, "image", folder, options, refs))
+    if not datasets:
+        raise ValueError("prepare: no enabled image dataset")
+    return datasets
+
+
+def relative_to_root(path: Path, root: Path) -> str:
+    """`path` as written into manifests: relative to the project root when inside it (portable), else absolute."""
+    try:
+        return path.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return Path(os.path.abspath(path)).as_posix()

@@ -1,0 +1,99 @@
+"""One optimisation step of LoRA training, shared by the train stage and `bench/train_step.py`.
+
+Flow matching: x_t = (1 - sigma) * x0 + sigma * noise; the transformer predicts noise - x0 (target tokens only);
+MSE loss; gradients accumulated over `gradient_accumulation_steps` micro-batches, clipped, then AdamW and the LR
+schedule step once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..latents import pack
+from .forward import predict
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class MicroBatch:
+    """Inputs of one forward/backward: latents (B, 128, h, w), prompt embeddings (B, L, D), noise like x0,
+    sigmas (B,), optional dev guidance (B,), optional per-sample reference latents."""
+
+    x0: torch.Tensor
+    prompt_embeds: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    guidance: torch.Tensor | None = None
+    references: list[list[torch.Tensor]] | None = None
+
+
+class TrainingStep:
+    """Forward, loss and backward per micro-batch; clip, optimizer, scaler and scheduler once per step."""
+
+    def __init__(self, transformer, lora_params: list[torch.nn.Parameter], optimizer, scheduler, *,
+                 mixed_precision: str = "no", max_grad_norm: float = 1.0, router=None, device=None):
+        self.transformer, self.lora_params = transformer, lora_params
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.device = device or next(transformer.parameters()).device
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=mixed_precision == "fp16")
+        self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.router = router
+
+    def loss(self, batch: MicroBatch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The flow-matching loss of one micro-batch (graph kept for backward)."""
+        s = batch.sigmas.view(-1, 1, 1, 1)
+        noisy = (1.0 - s) * batch.x0 + s * batch.noise
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            prediction = predict(self.transformer, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance,
+                                 batch.references, self.router, generator)
+        return torch.nn.functional.mse_loss(prediction.float(), pack(batch.noise - batch.x0).float())
+
+    def __call__(self, micro_batches: list[MicroBatch], generator: torch.Generator | None = None,
+                 step_number: int = 0) -> tuple[float, float]:
+        """One optimizer step over the micro-batches; returns (mean loss, grad norm before clipping).
+
+        Raises TrainingDiverged before touching the weights when a loss is not finite."""
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.loss(batch, generator)
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise TrainingDiverged(f"loss became {loss.item()} at step {step_number}")
+            self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.item()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / len(micro_batches), float(grad_norm)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def make_optimizer(lora_params, cfg, device: torch.device):
+    """AdamW over the LoRA parameters: fused kernels on CUDA; 8-bit (bitsandbytes) when asked and installed."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+                  eps=cfg.adam_epsilon)
+    if getattr(cfg, "use_8bit_adam", False):
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(lora_params, **kwargs)
+    return torch.optim.AdamW(lora_params, fused=device.type == "cuda", **kwargs)

@@ -1,0 +1,62 @@
+"""One training per GPU: the stages that use the GPU hold a slot of a Prefect global concurrency limit.
+
+The limit (`flux2lora-gpu`, limit 1) spans every flow run on the Prefect server, the `flux2-lora/train` and
+`flux2-lora/nightly` deployments alike: a second run waits for the GPU instead of running out of memory beside the
+first. A host with two GPUs that should train twice at once: `prefect gcl update flux2lora-gpu --limit 2` (pin each
+worker to a GPU with CUDA_VISIBLE_DEVICES). On Kubernetes each flow-run pod requests its own GPU and the scheduler
+places it, so the pool's job template sets FLUX2LORA_GPU_LIMIT to "" (no limit) there.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+GPU_STAGES = frozenset({"encode-text", "encode-latents", "train", "validate"})
+LIMIT_ENV = "FLUX2LORA_GPU_LIMIT"
+DEFAULT_LIMIT = "flux2lora-gpu"
+
+
+def gpu_limit_name() -> str | None:
+    """The global concurrency limit GPU stages hold a slot of ($FLUX2LORA_GPU_LIMIT; empty: none)."""
+    return os.environ.get(LIMIT_ENV, DEFAULT_LIMIT) or None
+
+
+def ensure_gpu_limit(logger) -> str | None:
+    """Create the limit with one slot when it does not exist yet; an existing limit is left as its owner set it."""
+    name = gpu_limit_name()
+    if name is None:
+        return None
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+            logger.info("GPU stages share concurrency limit %s (%d slot(s))", name, limit.limit)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                logger.info("created concurrency limit %s with 1 slot: one GPU stage at a time", name)
+            except ObjectAlreadyExists:  # another flow run created it meanwhile
+                pass
+    return name
+
+
+@contextmanager
+def gpu_slot(stage: str, logger) -> Iterator[None]:
+    """Hold a slot of the GPU limit while `stage` runs (stages that need no GPU run freely)."""
+    name = gpu_limit_name()
+    if stage not in GPU_STAGES or name is None:
+        yield
+        return
+    started = time.monotonic()
+    with concurrency(name, occupy=1):
+        waited = time.monotonic() - started
+        if waited > 1:
+            logger.info("%s: waited %.0f s for the GPU (concurrency limit %s)", stage, waited, name)
+        yield

@@ -1,0 +1,201 @@
+"""The UIs people use, in a real headless Chromium (Debian's `chromium` package) driven by Playwright: the MLflow UI
+shows the tiny run's loss chart and its validation images; the Prefect UI's run form for `flux2-lora/train` shows
+the flow's parameters, the flavour as a choice.
+
+Screenshots are kept in test-artifacts/ (or $TEST_ARTIFACTS_DIR): one per assertion and one of each test's page at
+its end, also when it fails. Without Chromium the module is skipped, unless FLUX2LORA_REQUIRE_BROWSER=1 (CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from servers import PREFECT, api_get, mlflow_server, prefect_env, prefect_server
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+# headless, and nothing that reaches out to Google's services from a machine without internet
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "test-artifacts"))
+REAL_FLAVOURS = ["klein-4b", "klein-9b", "dev"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        message = f"no Chromium at {CHROMIUM} (apt-get install chromium, or set CHROMIUM)"
+        if os.environ.get("FLUX2LORA_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=60_000)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    try:
+        page.screenshot(path=ARTIFACTS / f"{request.node.name}.png")
+    finally:
+        context.close()
+
+
+def scroll_until(page, found, what: str, timeout: float = 60) -> None:
+    """Scroll the page's content down, a screen at a time, until `found()` is true. MLflow renders a chart only
+    while it is in view (and unmounts it again), so what a test looks for must be scrolled to and checked there."""
+    deadline = time.monotonic() + timeout
+    page.mouse.move(700, 600)
+    while not found():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not found within {timeout:.0f}s of scrolling")
+        page.mouse.wheel(0, 500)
+        time.sleep(0.5)
+
+
+# --- MLflow ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(trained_project: Path, tmp_path_factory) -> dict:
+    """An MLflow server on the tiny trained project's own store; the run page of its training run."""
+    run = json.loads((trained_project / "outputs/train/mlflow_run.json").read_text())
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-ui"), f"sqlite:///{trained_project / 'mlflow.db'}",
+                       str(trained_project / "mlartifacts")) as url:
+        yield {"url": url, **run,
+               "metrics_page": f"{url}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}/model-metrics"}
+
+
+def chart_card(heading, holding: str):
+    """The chart card around a chart's title: its nearest ancestor holding `holding` (an XPath step)."""
+    return heading.locator(f"xpath=ancestor::div[.//{holding}][1]")
+
+
+PLOT, IMAGE = "div[contains(@class, 'js-plotly-plot')]", "img"
+
+
+def test_mlflow_ui_shows_the_loss_chart(page, mlflow_ui: dict) -> None:
+    """The run's Model metrics tab has a `loss` chart drawing the run's loss at every training step."""
+    history = api_get(mlflow_ui["url"], f"api/2.0/mlflow/metrics/get-history?run_id={mlflow_ui['run_id']}"
+                                        "&metric_key=loss&max_results=1000")["metrics"]
+    assert len(history) > 1
+    page.goto(mlflow_ui["metrics_page"], wait_until="load")
+    page.get_by_placeholder("Search metric charts").wait_for()
+    title = page.get_by_role("heading", name="loss", exact=True).first
+    card = chart_card(title, PLOT)
+    line = card.locator("path.js-line").first
+    scroll_until(page, lambda: title.is_visible() and line.is_visible(), "the loss chart with its line")
+    # what plotly draws: the chart's traces (x = step, y = loss)
+    traces = card.locator(".js-plotly-plot").first.evaluate(
+        "plot => plot.data.map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}))")
+    steps = sorted(history, key=lambda m: m["step"])
+    drawn = [t for t in traces if mlflow_ui["run_name"] in t["name"] and t["x"] == [m["step"] for m in steps]]
+    assert drawn, traces
+    assert drawn[0]["y"] == pytest.approx([m["value"] for m in steps])
+    assert f"{mlflow_ui['run_name']} (loss)" in card.inner_text()
+    card.screenshot(path=ARTIFACTS / "mlflow-loss-chart.png")
+
+
+def test_mlflow_ui_shows_the_validation_images(page, mlflow_ui: dict) -> None:
+    """The validation grid and the per-prompt images are image charts on the same tab, loaded from the server."""
+    page.goto(mlflow_ui["metrics_page"], wait_until="load")
+    for key in ("validation/grid", "validation/base"):
+        page.get_by_text(key, exact=True).first.wait_for()
+    image = page.locator("img[src*='get-artifact'][src*='validation~grid']").first
+    # the image sits below the run's parameters in its card: scrolled into view, it must have loaded
+    image.scroll_into_view_if_needed()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    assert image.evaluate("img => img.naturalWidth") >= 64
+    on_top = "img => { const r = img.getBoundingClientRect(); return document.elementFromPoint(r.x + r.width / 2, " \
+             "r.y + r.height / 2) === img }"
+    assert image.evaluate(on_top), "the validation image is covered or outside the window"
+    image.screenshot(path=ARTIFACTS / "mlflow-validation-grid.png")
+    chart_card(page.get_by_role("heading", name="validation/grid", exact=True), IMAGE).screenshot(
+        path=ARTIFACTS / "mlflow-validation-card.png")
+    shown = page.locator("img[src*='get-artifact'][src*='validation~']")
+    assert shown.count() >= 3, "expected the grid and per-prompt validation images"
+
+
+# --- Prefect ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prefect_ui(tmp_path_factory) -> dict:
+    """A Prefect server with the deployment flux2-lora/train registered from the repository's prefect.yaml and flow
+    (no worker: the form is what is tested, nothing is run)."""
+    base = tmp_path_factory.mktemp("prefect-ui")
+    project = base / "project"
+    project.mkdir()
+    shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
+    for folder in ("flows", "tasks"):
+        shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    with prefect_server(base / "home") as api_url:
+        env = dict(prefect_env(base / "home", api_url), PWD=str(project))
+        for cmd in (["work-pool", "create", "flux2lora-local", "--type", "process"],
+                    ["--no-prompt", "deploy", "-n", "train"]):
+            proc = subprocess.run([PREFECT, *cmd], cwd=project, env=env, capture_output=True, text=True,
+                                  timeout=240)
+            assert proc.returncode == 0, f"prefect {' '.join(cmd)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        deployment = api_get(api_url, "deployments/name/flux2-lora/train")
+        yield {"url": api_url.removesuffix("/api"), "deployment": deployment,
+               "form": f"{api_url.removesuffix('/api')}/deployments/deployment/{deployment['id']}/run"}
+
+
+def form_property(page, title: str):
+    """One parameter of the run form, found by its label ("title" or "title (Optional)")."""
+    label = page.locator(".schema-form-property__label").filter(has_text=title)
+    return page.locator(".schema-form-property").filter(has=label).first
+
+
+def test_prefect_run_form_lists_the_flow_parameters(page, prefect_ui: dict) -> None:
+    """The deployment's Run form shows one field per parameter of the flow's signature."""
+    schema = prefect_ui["deployment"]["parameter_openapi_schema"]
+    assert schema.get("properties"), schema
+    page.goto(prefect_ui["form"], wait_until="load")
+    page.get_by_text("Parameters", exact=True).wait_for()
+    labels = [t.split(" (")[0] for t in page.locator(".schema-form-property__label").all_inner_texts()]
+    assert labels == sorted(schema["properties"], key=lambda k: schema["properties"][k].get("position", 0)), labels
+    page.screenshot(path=ARTIFACTS / "prefect-run-form.png", full_page=True)
+
+
+def test_prefect_run_form_offers_the_flavour_choice(page, prefect_ui: dict) -> None:
+    """`flavour` is a typed choice in the form: a select listing klein-4b, klein-9b and dev (and the tiny test
+    models), not a free text field."""
+    flavour = prefect_ui["deployment"]["parameter_openapi_schema"].get("properties", {}).get("flavour")
+    assert flavour, "the flow has no `flavour` parameter (flows/train.py)"
+    choices = next((s["enum"] for s in [flavour, *flavour.get("anyOf", [])] if "enum" in s), None)
+    assert choices and set(REAL_FLAVOURS) <= set(choices), flavour
+
+    page.goto(prefect_ui["form"], wait_until="load")
+    page.get_by_text("Parameters", exact=True).wait_for()
+    field = form_property(page, "flavour")
+    field.wait_for()
+    select = field.locator(".p-select-button__control")
+    if select.count() == 0:
+        # an optional choice (Literal | None) starts as None: pick the choice type of its type toggle
+        field.get_by_role("button", name="None", exact=True).wait_for()
+        field.locator("button").filter(has_text="str").first.click()
+    select.first.click()
+    options = page.get_by_role("option")
+    if options.count() == 0:  # the select opens on the keyboard when the click only focused it
+        select.first.press("ArrowDown")
+    options.first.wait_for()
+    assert options.all_inner_texts() == choices
+    page.screenshot(path=ARTIFACTS / "prefect-flavour-choice.png", full_page=True)
