@@ -127,9 +127,10 @@ def test_unsupported_values_are_reported_not_written(project, tmp_path):
     reasons = {r["source"]: r["reason"] for r in report.not_mapped}
     assert "flux2" in reasons["config.json model_family"]
     assert "lr_scheduler" in reasons["config.json lr_scheduler"]
-    assert "config.json gradient_accumulation_steps" in reasons
+    assert "config.json gradient_accumulation_steps" not in reasons
     params = load_params(project / "params.yaml")
     assert params.train.lr_scheduler == "constant" and params.train.lora_rank == 4
+    assert params.train.gradient_accumulation_steps == 4  # same name in our train section
     assert params.validate_.validation_step_interval == 100  # the seed's validation_steps
     assert params.prepare.instance_data_dir == "data/demo", "no backends: the single-dataset prepare is kept"
     assert json.loads((project / "user_prompt_library.json").read_text()) == {

@@ -111,6 +111,8 @@ class TrainParams(Section):
     lr_warmup_steps: int = Field(0, ge=0)
     max_train_steps: int = Field(1000, ge=1)
     train_batch_size: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = True

@@ -47,7 +47,6 @@ ACCEPTED_WITHOUT_EFFECT: dict[str, tuple[tuple, str]] = {
     "model_family": (("flux2",), "flux2lora trains FLUX.2 only"),
     "model_type": (("lora",), "flux2lora trains LoRAs only"),
     "lora_type": (("standard",), "flux2lora trains standard (PEFT) LoRAs"),
-    "gradient_accumulation_steps": ((1, "1"), "one optimizer step per batch is what flux2lora does"),
     "report_to": ((None, "none", "mlflow", "wandb", "tensorboard"), "flux2lora tracks every run in MLflow"),
     "cache_dir_vae": ((), "caches are content-addressed under output_dir (latents/, text_embeds/): DVC outputs"),
     "cache_dir_text": ((), "caches are content-addressed under output_dir (latents/, text_embeds/): DVC outputs"),

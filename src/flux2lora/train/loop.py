@@ -27,13 +27,13 @@ from ..config import Params, TrainParams
 from ..data.prepare import log_prepare_report
 from ..data.sampling import BucketBatches
 from ..io import write_json_atomic
-from ..latents import pack
 from ..layout import layout_for
 from ..models import (component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device,
                       torch_dtype)
 from ..validate.during_training import TrainingValidator
 from .checkpoint import latest_matching, save_checkpoint
-from .forward import pick_references, predict
+from .forward import pick_references
+from .step import MicroBatch, TrainingDiverged, TrainingStep, make_optimizer
 from .tread import TreadRouter, parse_routes
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, save_diffusers_lora, target_modules
 
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 
 # Params that change how a run is observed or saved, not what it computes: editing them keeps checkpoints valid.
 NON_COMPUTING = {"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "log_every_n_steps"}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass
@@ -131,15 +127,13 @@ def train(params: Params, root: Path) -> dict:
                          + len(transformer.single_transformer_blocks)) if cfg.tread_config else None
     transformer.train()
 
-    optimizer = torch.optim.AdamW(lora_params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(lora_params, cfg, device)
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_train_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.mixed_precision == "fp16")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    training_step = TrainingStep(transformer, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
+                                 max_grad_norm=cfg.max_grad_norm, router=router, device=device)
     noise_generator = torch.Generator().manual_seed(cfg.seed)  # CPU: identical draws on every device
     # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
     validator = TrainingValidator.for_training(params, root, transformer, device)
@@ -149,9 +143,7 @@ def train(params: Params, root: Path) -> dict:
     if resumed is not None:
         load_lora_state_dict(transformer, resumed.lora)
         state = resumed.training_state()
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        training_step.load_state_dict(state)
         noise_generator.set_state(state["noise_generator"])
         torch.set_rng_state(state["torch_rng"])
         start_step, run_id = resumed.step, resumed.state.get("mlflow_run_id")
@@ -172,9 +164,11 @@ def train(params: Params, root: Path) -> dict:
         losses, last_loss, step_time = [], float("nan"), 0.0
         progress = tqdm(range(start_step, cfg.max_train_steps), desc="train", unit="step", initial=start_step,
                         total=cfg.max_train_steps)
-        for step in progress:
-            t0 = time.perf_counter()
-            batch = batches.at(step)
+        accumulation = cfg.gradient_accumulation_steps
+
+        def draw_micro_batch(batch) -> MicroBatch:
+            """Cached latents and embeddings of `batch`, with this step's noise, sigmas, guidance and dropout (all
+            drawn from the checkpointed generator, in a fixed order)."""
             x0 = torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch]).to(device, torch.float32)
             use_empty = torch.rand(len(batch), generator=noise_generator) < cfg.caption_dropout_probability
             prompt_embeds = torch.stack([text_store.get(empty_key if drop else s.text_key)["prompt_embeds"]
@@ -183,32 +177,23 @@ def train(params: Params, root: Path) -> dict:
             sigmas = sample_sigmas(cfg, len(batch), noise_generator).to(device)
             guidance = guidance_values(cfg, len(batch), noise_generator).to(device) \
                 if params.model.flavour.guidance_embeds else None
-            s = sigmas.view(-1, 1, 1, 1)
-            noisy = (1.0 - s) * x0 + s * noise
             references = None
             if any(sample.reference_keys for sample in batch):
                 picked = pick_references([sample.reference_keys for sample in batch],
                                          cfg.conditioning_multidataset_sampling, noise_generator)
                 references = [[latent_store.get(key)["latents"].float() for key in keys] for keys in picked]
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                prediction = predict(transformer, noisy, prompt_embeds, sigmas, guidance, references, router,
-                                     noise_generator)
-            loss = torch.nn.functional.mse_loss(prediction.float(), pack(noise - x0).float())
-            if not torch.isfinite(loss):
+            return MicroBatch(x0, prompt_embeds, noise, sigmas, guidance, references)
+
+        for step in progress:
+            t0 = time.perf_counter()
+            micro_batches = [draw_micro_batch(batches.at(step * accumulation + j)) for j in range(accumulation)]
+            try:
+                last_loss, grad_norm = training_step(micro_batches, noise_generator, step + 1)
+            except TrainingDiverged as e:
                 raise TrainingDiverged(
-                    f"train: loss became {loss.item()} at step {step + 1}; stopped. The last good checkpoint in "
-                    f"{layout.checkpoints_dir} is kept: lower train.learning_rate or set train.max_grad_norm, then "
-                    "re-run to resume from it")
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                       else float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                    f"train: {e}; stopped. The last good checkpoint in {layout.checkpoints_dir} is kept: lower "
+                    "train.learning_rate or set train.max_grad_norm, then re-run to resume from it") from None
             step_time = time.perf_counter() - t0
-            last_loss = loss.item()
             losses.append(last_loss)
             done = step + 1
             progress.set_postfix(loss=f"{last_loss:.4f}")
@@ -219,8 +204,7 @@ def train(params: Params, root: Path) -> dict:
                                    synchronous=False)
             if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
                 save_checkpoint(layout.checkpoints_dir, done, lora_state_dict(transformer),
-                                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "scaler": scaler.state_dict(), "noise_generator": noise_generator.get_state(),
+                                {**training_step.state_dict(), "noise_generator": noise_generator.get_state(),
                                  "torch_rng": torch.get_rng_state()},
                                 {"fingerprint": run_fingerprint, "mlflow_run_id": run.info.run_id, "loss": last_loss},
                                 keep=cfg.checkpoints_total_limit)
