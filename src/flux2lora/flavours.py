@@ -23,8 +23,6 @@ SHARED_TRANSFORMER_CONFIG: dict[str, Any] = dict(
     rope_theta=2000,
 )
 
-DEV_SYSTEM_MESSAGE_NOTE = "dev prompts go through Mistral's chat template with diffusers' SYSTEM_MESSAGE"
-
 
 @dataclass(frozen=True)
 class Flavour:

@@ -18,7 +18,6 @@ positions included (the transformer gets no attention mask).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 
@@ -149,7 +148,3 @@ class PromptEncoder:
 
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
-
-
-def text_encoder_path(model: ModelParams) -> Path:
-    return Path(model.model_path) / "text_encoder"

@@ -93,9 +93,3 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
-
-
-def lora_config_of(path: Path) -> dict:
-    """The peft LoraConfig stored in a diffusers-format file (diffusers prefixes its keys with `transformer.`)."""
-    raw = json.loads(read_lora_metadata(path).get("lora_adapter_metadata", "{}"))
-    return {k.removeprefix("transformer."): v for k, v in raw.items()}
