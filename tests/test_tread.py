@@ -53,8 +53,8 @@ def test_the_configured_share_skips_the_routed_blocks_and_text_always_passes(mod
     x = _inputs()
     seen = {}
     blocks = list(model.transformer_blocks) + list(model.single_transformer_blocks)
-    hooks = [b.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, kw), with_kwargs=True)
-             for i, b in enumerate(blocks)]
+    # blocks are called positionally, in their forward's order: hidden_states, encoder_hidden_states, ...
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a)) for i, b in enumerate(blocks)]
     try:
         with torch.no_grad():
             out = TreadRouter([Route(0.5, 1, -2)], 4).forward(model, **x, generator=torch.Generator().manual_seed(0))
@@ -62,11 +62,11 @@ def test_the_configured_share_skips_the_routed_blocks_and_text_always_passes(mod
         for h in hooks:
             h.remove()
     assert out.shape == (2, 16, 128)
-    double_tokens = lambda kw: (kw["hidden_states"].shape[1], kw["encoder_hidden_states"].shape[1])  # noqa: E731
+    double_tokens = lambda args: (args[0].shape[1], args[1].shape[1])  # noqa: E731
     assert double_tokens(seen[0]) == (16, 7)  # before the route: everything
     assert double_tokens(seen[1]) == (8, 7)  # routed double block: half the image tokens, all text
-    assert seen[2]["hidden_states"].shape[1] == 7 + 8  # routed single block (end -2 = block 2)
-    assert seen[3]["hidden_states"].shape[1] == 7 + 16  # after the route: all tokens again
+    assert seen[2][0].shape[1] == 7 + 8  # routed single block (end -2 = block 2)
+    assert seen[3][0].shape[1] == 7 + 16  # after the route: all tokens again
 
 
 def test_batches_are_exact_per_sample(model):

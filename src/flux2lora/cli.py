@@ -209,7 +209,7 @@ def plan(params: Path = typer.Option(Path("params.yaml"), "--params"),
     """Predict peak GPU memory and relative speed of the configured training run; with --vram, propose the fastest
     configuration that fits (calibrated on H100 measurements of the plain diffusers + peft recipe)."""
     from .config import ParamsError, load_params
-    from .planner import as_dict, fastest_fitting, parse_size, plan_from_params, predict
+    from .planner import as_dict, as_params, fastest_fitting, parse_size, plan_from_params, predict
 
     try:
         configured = plan_from_params(load_params(params))
@@ -221,6 +221,8 @@ def plan(params: Path = typer.Option(Path("params.yaml"), "--params"),
         best = fastest_fitting(configured, budget)
         result["budget_gib"] = round(budget, 2)
         result["proposed"] = as_dict(best) if best else None
+        if best is not None:
+            result["proposed_params"] = as_params(best)
         if best is None:
             result["note"] = "nothing fits: lower train.train_batch_size or prepare.resolution"
     typer.echo(json.dumps(result, indent=2))

@@ -84,6 +84,9 @@ class EncodeTextParams(Section):
     text_encoder_1_precision: Literal["fp32", "bf16", "fp16", "int8-quanto", "int4-quanto"] | None = None
     # Load and run only the layers up to the deepest stacked one (outputs are equal; ~25% less memory and time).
     truncate_text_encoder: bool = True
+    # Group offload of the text encoder (its layers copied to the accelerator one at a time): FLUX.2 dev's 24B
+    # Mistral encoder then fits small GPUs, at the cost of transfer time.
+    group_offload_text_encoder: bool = False
 
 
 class EncodeLatentsParams(Section):
@@ -93,6 +96,7 @@ class EncodeLatentsParams(Section):
     vae_batch_size: int = Field(4, ge=1)  # images per VAE forward (one bucket per forward)
     write_batch_size: int = Field(64, ge=1)  # latents per cache shard (a killed run loses at most one shard's)
     cache_dtype: Literal["bf16", "fp32"] = "bf16"
+    group_offload_vae: bool = False  # the VAE's layers copied to the accelerator as they run
 
 
 class TrainParams(Section):
@@ -109,13 +113,25 @@ class TrainParams(Section):
     adam_epsilon: float = 1e-8
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
-    max_train_steps: int = Field(1000, ge=1)
+    max_train_steps: int = Field(1000, ge=0)  # 0: num_train_epochs decides the length
+    # Passes over the dataset (every image x its repeats); used when max_train_steps is 0.
+    num_train_epochs: int | None = Field(None, ge=1)
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = True
+    # Checkpoint only the first N blocks (double blocks first, then single); null: all of them. Fewer checkpointed
+    # blocks recompute less and keep more activations.
+    gradient_checkpointing_blocks: int | None = Field(None, ge=0)
+    # Memory-budget mode: checkpoint only as many blocks as the planner predicts are needed for the run's peak to
+    # fit this many GiB of accelerator memory (overrides gradient_checkpointing and gradient_checkpointing_blocks).
+    vram_budget_gib: float | None = Field(None, gt=0)
+    # Regional torch.compile: each transformer block is compiled once per block type (its checkpointing, when on,
+    # inside the compiled region). compile_backend: torch.compile's backend (inductor; aot_eager for debugging).
+    compile_transformer: bool = False
+    compile_backend: str = "inductor"
     seed: int = 42
     # Flow-matching timestep sampling: sigma ~ logit-normal(mean, std), then the shift s*sigma/(1+(s-1)*sigma).
     weighting_scheme: Literal["logit_normal", "uniform", "mode"] = "logit_normal"
@@ -123,9 +139,19 @@ class TrainParams(Section):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     timestep_shift: float = Field(3.0, gt=0)
-    # Weights of the frozen transformer's blocks: no_change (base_model_default_dtype) or optimum-quanto int8/int4.
-    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto"] = "no_change"
+    # Weights of the frozen transformer's blocks: no_change (base_model_default_dtype), optimum-quanto int8/int4,
+    # or torchao float8 (GPUs with compute capability 8.9+: Ada, Hopper, Blackwell).
+    base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "fp8-torchao"] = "no_change"
     quantize_via: Literal["cpu", "accelerator"] = "accelerator"  # cpu: full weights never occupy the GPU
+    # Group offload of the frozen transformer (diffusers hooks): its weights live in CPU memory and each group of
+    # blocks is copied to the accelerator just before it runs. The LoRA weights always stay on the accelerator.
+    enable_group_offload: bool = False
+    group_offload_type: Literal["block_level", "leaf_level"] = "block_level"
+    group_offload_blocks_per_group: int = Field(1, ge=1)  # block_level: blocks moved together
+    group_offload_use_stream: bool = False  # CUDA: prefetch the next group on a side stream (overlaps copy/compute)
+    # Load (and quantize) models on the CPU and move each to the accelerator only once it is ready, so loading never
+    # holds two copies of weights on the accelerator.
+    offload_during_startup: bool = False
     # TREAD token routing (seed: tread_config.routes). selection_ratio is the share of image tokens that SKIP the
     # span start_layer_idx..end_layer_idx (double blocks first, then single; negative = from the end).
     tread_config: dict | None = None
@@ -143,6 +169,15 @@ class TrainParams(Section):
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume_from_checkpoint: Literal["latest"] | None = "latest"
     log_every_n_steps: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_training_length(self):
+        if self.num_train_epochs is not None and self.max_train_steps and "max_train_steps" in self.model_fields_set:
+            raise ValueError("train: set either max_train_steps or num_train_epochs, not both (max_train_steps: 0 "
+                             "trains by epochs)")
+        if self.num_train_epochs is None and self.max_train_steps == 0:
+            raise ValueError("train.max_train_steps is 0: set num_train_epochs, or a number of steps")
+        return self
 
 
 class ValidateParams(Section):

@@ -97,31 +97,84 @@ def describe_model(model: ModelParams) -> dict:
 
 
 QUANTO_PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
+BASE_PRECISIONS = ("no_change", *QUANTO_PRECISIONS, "fp8-torchao")
 # Only the transformer blocks are quantized: the embedders, modulation and output projection are a small share of
 # the weights and the most precision-sensitive (the anchors' int8 numbers were measured the same way).
 QUANTIZED_MODULES = ["transformer_blocks.*", "single_transformer_blocks.*"]
 
 
+def _quantize_fp8(transformer, device: torch.device) -> None:
+    """torchao float8 (e4m3, per-row scales) weights in the blocks' Linear layers; activations stay bf16.
+
+    Weight-only: the frozen base halves in size against bf16 and its backward (input gradients for the LoRA below
+    it) is the plain bf16 one. CUDA needs compute capability 8.9+ (Ada, Hopper, Blackwell) for float8 tensors; on
+    the CPU torchao emulates them (correct, slow: for tests)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"train.base_model_precision: fp8-torchao needs a GPU with compute capability 8.9 or newer "
+                         f"(Ada, Hopper, Blackwell); {torch.cuda.get_device_name(device)} has {major}.{minor}. "
+                         "Use int8-quanto instead")
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise ValueError("train.base_model_precision: fp8-torchao needs torchao: pip install torchao") from None
+    for module_list in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        quantize_(module_list, Float8WeightOnlyConfig(),
+                  filter_fn=lambda module, name: isinstance(module, torch.nn.Linear))
+
+
 def load_training_transformer(model: ModelParams, device: torch.device, base_model_precision: str | None = None,
-                              quantize_via: str = "accelerator"):
-    """The frozen transformer to train a LoRA on, its blocks' weights optionally quantized with optimum-quanto.
+                              quantize_via: str = "accelerator", *, group_offload: dict | None = None,
+                              offload_during_startup: bool = False):
+    """The frozen transformer to train a LoRA on: its blocks' weights optionally quantized (optimum-quanto int8 /
+    int4, torchao fp8) and optionally group-offloaded.
 
     quantize_via: "cpu" quantizes before moving to the device (the full-precision weights never occupy the GPU);
     "accelerator" moves first and quantizes there (faster on a GPU that has the room).
+    offload_during_startup: everything is loaded and quantized on the CPU; the model reaches the device once ready.
+    group_offload: keyword arguments of `apply_group_offload` (type, blocks_per_group, use_stream): the weights stay
+    in CPU memory and the hooks copy each group to `device` when it runs. The caller attaches the LoRA afterwards
+    and keeps it on `device` (the hooks only move the weights that existed when they were installed).
     """
-    if base_model_precision in (None, "no_change", model.base_model_default_dtype):
-        return load_transformer(model, device).requires_grad_(False)
-    if base_model_precision not in QUANTO_PRECISIONS:
-        raise ValueError(f"train.base_model_precision: {base_model_precision!r} is not supported; choose "
-                         f"no_change, {', '.join(QUANTO_PRECISIONS)}")
-    from optimum import quanto
-
-    staging = torch.device("cpu") if quantize_via == "cpu" else device
+    precision = None if base_model_precision in (None, "no_change", model.base_model_default_dtype) \
+        else base_model_precision
+    if precision is not None and precision not in BASE_PRECISIONS:
+        raise ValueError(f"train.base_model_precision: {base_model_precision!r} is not supported; choose one of "
+                         f"{', '.join(BASE_PRECISIONS)}")
+    on_cpu_first = offload_during_startup or group_offload is not None or quantize_via == "cpu"
+    staging = torch.device("cpu") if on_cpu_first else device
     transformer = load_transformer(model, staging).requires_grad_(False)
-    quanto.quantize(transformer, weights=getattr(quanto, QUANTO_PRECISIONS[base_model_precision]),
-                    include=QUANTIZED_MODULES)
-    quanto.freeze(transformer)
+    if precision in QUANTO_PRECISIONS:
+        from optimum import quanto
+
+        quanto.quantize(transformer, weights=getattr(quanto, QUANTO_PRECISIONS[precision]),
+                        include=QUANTIZED_MODULES)
+        quanto.freeze(transformer)
+    elif precision == "fp8-torchao":
+        _quantize_fp8(transformer, device)
+    if group_offload is not None:
+        apply_group_offload(transformer, device, **group_offload)
+        return transformer
     return transformer.to(device)
+
+
+def apply_group_offload(module: torch.nn.Module, device: torch.device, offload_type: str = "block_level",
+                        blocks_per_group: int = 1, use_stream: bool = False) -> None:
+    """diffusers' group offloading: `module`'s weights go to (pinned) CPU memory and are copied to `device` one
+    group at a time, just before the group runs. use_stream (CUDA only) prefetches the next group on a side stream;
+    elsewhere it is ignored with a warning, as there is no stream to overlap with."""
+    import warnings
+
+    from diffusers.hooks import apply_group_offloading
+
+    if use_stream and device.type != "cuda":
+        warnings.warn(f"group_offload_use_stream is ignored on {device.type}: streams need CUDA", UserWarning,
+                      stacklevel=2)
+        use_stream = False
+    apply_group_offloading(module.to("cpu"), onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type=offload_type,
+                           num_blocks_per_group=blocks_per_group if offload_type == "block_level" else None,
+                           use_stream=use_stream)
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:

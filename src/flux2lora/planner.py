@@ -25,13 +25,17 @@ GIB = 2**30
 C_BLOCK = 44.8  # activation bytes per (token x hidden) element per block without checkpointing (fitted)
 OVERHEAD_GIB = 0.45
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "int8-quanto": 1.02, "fp8-torchao": 1.02, "int4-quanto": 0.53}
-SPEED_COST = {"bf16": 1.0, "fp16": 1.0, "fp32": 2.5, "int8-quanto": 1.15, "fp8-torchao": 0.85, "int4-quanto": 1.35}
+# fp8-torchao is weight-only (dequantized to bf16 before each matmul): assumed to cost like int8, not measured
+SPEED_COST = {"bf16": 1.0, "fp16": 1.0, "fp32": 2.5, "int8-quanto": 1.15, "fp8-torchao": 1.15, "int4-quanto": 1.35}
 CHECKPOINTING_COST = 0.372 / 0.264  # measured: recompute of the forward
+COMPILE_SPEEDUP = 0.169 / 0.264  # measured: regional compile without checkpointing against eager
+# measured: compile's fused kernels keep fewer activations, 19.6 GiB against 22.7 GiB with ~7.9 GiB of weights
+COMPILE_ACTIVATIONS = (19.6 - 7.9) / (22.7 - 7.9)
 OFFLOAD_COST = 1.3
 LORA_BYTES_PER_PARAM = 16  # fp32 weight + grad + two AdamW moments
-# What the planner proposes: only settings the trainer implements (fp8 and group offload of the trained
-# transformer are modelled above but not yet wired into training, so they are never proposed).
-PROPOSED_PRECISIONS = ("bf16", "int8-quanto", "int4-quanto")
+# What the planner proposes: settings the trainer implements. Compile is not proposed: its speed-up is measured,
+# its memory only without checkpointing.
+PROPOSED_PRECISIONS = ("bf16", "fp8-torchao", "int8-quanto", "int4-quanto")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class Plan:
     batch: int
     base_model_precision: str = "bf16"
     gradient_checkpointing: bool = True
+    checkpointed_share: float = 1.0  # with gradient_checkpointing: the share of blocks checkpointed (memory budget)
+    compile: bool = False  # regional torch.compile
     group_offload: bool = False
     tread_selection_ratio: float = 0.0  # share of image tokens skipping the routed span
     tread_span_share: float = 0.0  # share of blocks inside the routed span
@@ -93,14 +99,16 @@ def predict(plan: Plan) -> Prediction:
     if plan.group_offload:
         weights *= 2 / arch["blocks"]  # the blocks being computed (and prefetched) stay on the GPU
     lora = sum(plan.lora_rank * (i + o) for i, o in arch["lora_shapes"][plan.lora_target]) * LORA_BYTES_PER_PARAM / GIB
-    if plan.gradient_checkpointing:
-        activations = (2 * arch["blocks"] + C_BLOCK) * element / GIB
-    else:
-        activations = C_BLOCK * arch["blocks"] * element / GIB
+    share = plan.checkpointed_share if plan.gradient_checkpointing else 0.0
+    checkpointed = round(share * arch["blocks"])
+    # a checkpointed block keeps its bf16 input; the others keep everything; one block's working set on top
+    per_element = 2 * checkpointed + C_BLOCK * (arch["blocks"] - checkpointed) + (C_BLOCK if checkpointed else 0)
+    activations = per_element * element / GIB * (COMPILE_ACTIVATIONS if plan.compile else 1.0)
     parts = {"weights": weights, "lora_and_optimizer": lora, "activations": activations, "overhead": OVERHEAD_GIB}
     full_tokens = plan.batch * (plan.text_tokens + image_tokens)
     time = (tokens / full_tokens) * SPEED_COST[plan.base_model_precision]
-    time *= 1.0 if plan.gradient_checkpointing else 1 / CHECKPOINTING_COST
+    time *= (1 + (CHECKPOINTING_COST - 1) * checkpointed / arch["blocks"]) / CHECKPOINTING_COST
+    time *= COMPILE_SPEEDUP if plan.compile else 1.0
     time *= OFFLOAD_COST if plan.group_offload else 1.0
     return Prediction(plan, sum(parts.values()), time, parts)
 
@@ -108,10 +116,26 @@ def predict(plan: Plan) -> Prediction:
 def candidates(base: Plan) -> list[Plan]:
     """Every memory/speed setting the planner may propose (TREAD stays as configured: it changes training)."""
     out = []
+    blocks = _architecture(base.flavour)["blocks"]
     for precision in PROPOSED_PRECISIONS:
-        for checkpointing in (False, True):
-            out.append(replace(base, base_model_precision=precision, gradient_checkpointing=checkpointing))
+        for offload in (False, True):
+            out.append(replace(base, base_model_precision=precision, gradient_checkpointing=False,
+                               group_offload=offload, checkpointed_share=1.0))
+            for checkpointed in range(1, blocks + 1):  # memory-budget mode: the first N blocks
+                out.append(replace(base, base_model_precision=precision, gradient_checkpointing=True,
+                                   checkpointed_share=checkpointed / blocks, group_offload=offload))
     return out
+
+
+def checkpointed_share_for_budget(base: Plan, vram_gib: float) -> float | None:
+    """Memory-budget mode: the smallest share of blocks to checkpoint (0.0 to 1.0) for `base` (its precision,
+    offload and the rest unchanged) to fit `vram_gib`; None when even full checkpointing does not fit."""
+    blocks = _architecture(base.flavour)["blocks"]
+    for checkpointed in range(blocks + 1):
+        plan = replace(base, gradient_checkpointing=checkpointed > 0, checkpointed_share=checkpointed / blocks)
+        if predict(plan).peak_gib <= vram_gib:
+            return checkpointed / blocks
+    return None
 
 
 def fastest_fitting(base: Plan, vram_gib: float) -> Prediction | None:
@@ -146,12 +170,32 @@ def plan_from_params(params) -> Plan:
             1, sum(e - s + 1 for s, e in spans))
     precision = cfg.base_model_precision if cfg.base_model_precision != "no_change" else \
         params.model.base_model_default_dtype
-    return Plan(flavour=flavour, resolution=training_side(params.prepare), batch=cfg.train_batch_size,
+    plan = Plan(flavour=flavour, resolution=training_side(params.prepare), batch=cfg.train_batch_size,
                 base_model_precision=precision,
                 gradient_checkpointing=cfg.gradient_checkpointing,
+                checkpointed_share=1.0 if cfg.gradient_checkpointing_blocks is None else
+                min(1.0, cfg.gradient_checkpointing_blocks / arch["blocks"]),
+                compile=cfg.compile_transformer, group_offload=cfg.enable_group_offload,
                 tread_selection_ratio=ratio,
                 tread_span_share=span, lora_rank=cfg.lora_rank, lora_target=cfg.flux_lora_target,
                 text_tokens=params.encode_text.max_sequence_length)
+    if cfg.vram_budget_gib is not None:  # memory-budget mode: what the trainer will checkpoint
+        share = checkpointed_share_for_budget(plan, cfg.vram_budget_gib)
+        plan = replace(plan, gradient_checkpointing=bool(share), checkpointed_share=1.0 if share is None else share)
+    return plan
+
+
+def as_params(prediction: Prediction) -> dict:
+    """The params.yaml settings that make the trainer run `prediction`'s configuration."""
+    plan = prediction.plan
+    blocks = _architecture(plan.flavour)["blocks"]
+    out = {"train.base_model_precision": "no_change" if plan.base_model_precision in ("bf16", "fp16", "fp32")
+           else plan.base_model_precision,
+           "train.gradient_checkpointing": plan.gradient_checkpointing,
+           "train.enable_group_offload": plan.group_offload}
+    if plan.gradient_checkpointing and plan.checkpointed_share < 1.0:
+        out["train.gradient_checkpointing_blocks"] = round(plan.checkpointed_share * blocks)
+    return out
 
 
 def as_dict(prediction: Prediction) -> dict:

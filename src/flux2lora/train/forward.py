@@ -24,23 +24,22 @@ def pick_references(reference_keys: list[list[str]], mode: str, generator: torch
     return picked
 
 
-def _run(transformer, router, generator, **inputs) -> torch.Tensor:
-    if router is None:
-        return transformer(**inputs, return_dict=False)[0]
-    return router.forward(transformer, generator=generator, **inputs)
-
-
-def predict(transformer, noisy: torch.Tensor, prompt_embeds: torch.Tensor, sigmas: torch.Tensor,
+def predict(model, noisy: torch.Tensor, prompt_embeds: torch.Tensor, sigmas: torch.Tensor,
             guidance: torch.Tensor | None, references: list[list[torch.Tensor]] | None,
-            router=None, generator: torch.Generator | None = None) -> torch.Tensor:
+            generator: torch.Generator | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Velocity prediction for the target tokens: (B, h*w, 128) for noisy latents (B, 128, h, w).
 
+    model: a `TrainingModel` (possibly wrapped by DDP/FSDP); TREAD routing draws from `generator`.
     references: per sample a list of clean reference latents (128, h_i, w_i), or None for text-to-image.
-    router: a TreadRouter (token routing draws from `generator`), or None for the plain forward.
+    dtype: the transformer's weight dtype (inputs are cast to it).
     """
-    dtype, device = transformer.dtype, noisy.device
+    device = noisy.device
+    dtype = dtype or torch.float32
+
+    def _run(**inputs):
+        return model(generator=generator, **inputs)
     if not references or not any(references):
-        return _run(transformer, router, generator, hidden_states=pack(noisy).to(dtype),
+        return _run(hidden_states=pack(noisy).to(dtype),
                     encoder_hidden_states=prompt_embeds.to(dtype), timestep=sigmas.to(dtype), guidance=guidance,
                     img_ids=target_ids(noisy).to(device), txt_ids=text_ids(prompt_embeds).to(device))
     groups: dict[tuple, list[int]] = {}
@@ -56,7 +55,7 @@ def predict(transformer, noisy: torch.Tensor, prompt_embeds: torch.Tensor, sigma
         ids = torch.cat([target_ids(target).to(device),
                          reference_ids([r[:1] for r in refs]).to(device).expand(len(indices), -1, -1)], dim=1)
         embeds = prompt_embeds[idx]
-        prediction = _run(transformer, router, generator, hidden_states=tokens, encoder_hidden_states=embeds.to(dtype),
+        prediction = _run(hidden_states=tokens, encoder_hidden_states=embeds.to(dtype),
                           timestep=sigmas[idx].to(dtype), guidance=None if guidance is None else guidance[idx],
                           img_ids=ids, txt_ids=text_ids(embeds).to(device))
         out[idx] = prediction[:, :n_target].to(dtype)

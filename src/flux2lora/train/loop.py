@@ -7,10 +7,12 @@ resumed from a checkpoint ends with the same LoRA as one that never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,13 +36,58 @@ from ..validate.during_training import TrainingValidator
 from .checkpoint import latest_matching, save_checkpoint
 from .forward import pick_references
 from .step import MicroBatch, TrainingDiverged, TrainingStep, make_optimizer
-from .tread import TreadRouter, parse_routes
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, save_diffusers_lora, target_modules
+from .model import build_training_model
 
 log = logging.getLogger(__name__)
 
 # Params that change how a run is observed or saved, not what it computes: editing them keeps checkpoints valid.
 NON_COMPUTING = {"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "log_every_n_steps"}
+
+
+def distributed_accelerator():
+    """accelerate's Accelerator when this process is one of several (started by `accelerate launch`), else None:
+    a single process trains without it, exactly as before."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    # precision is the loop's own autocast (train.mixed_precision), not accelerate's
+    return Accelerator(mixed_precision="no")
+
+
+class _NotTracked:
+    """What the loop uses of mlflow, for processes other than the main one (only rank 0 logs and saves)."""
+
+    class _Run:
+        info = type("Info", (), {"run_id": None})()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def start_run(self, *args, **kwargs):
+        return self._Run()
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def total_steps(cfg: TrainParams, batches: BucketBatches, processes: int = 1) -> int:
+    """max_train_steps, or num_train_epochs passes over the data (each step consumes train_batch_size x
+    gradient_accumulation_steps x processes samples)."""
+    if cfg.num_train_epochs is None:
+        return cfg.max_train_steps
+    per_step = cfg.gradient_accumulation_steps * processes
+    return max(1, math.ceil(batches.per_epoch * cfg.num_train_epochs / per_step))
+
+
+def routing_generator(seed: int, step: int, process: int) -> torch.Generator:
+    """TREAD's token selection for one step of one process: a pure function of (seed, step, process), so that it
+    needs no checkpointing and processes never share a draw."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
 
 
 @dataclass
@@ -110,33 +157,52 @@ def train(params: Params, root: Path) -> dict:
     """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json."""
     cfg = params.train
     layout = layout_for(root, params.output_dir)
-    device = resolve_device(params.model.device)
+    accelerator = distributed_accelerator()
+    processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    main_process = rank == 0
+    device = accelerator.device if accelerator else resolve_device(params.model.device)
     samples, empty_key = load_samples(layout)
     latent_store, text_store = TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir)
     batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
+    max_steps = total_steps(cfg, batches, processes)
     run_fingerprint = fingerprint(params, layout)
     warn_if_guidance_ignored(params)
 
     torch.manual_seed(cfg.seed)
-    transformer = load_training_transformer(params.model, device, cfg.base_model_precision, cfg.quantize_via)
+    group_offload = dict(offload_type=cfg.group_offload_type, blocks_per_group=cfg.group_offload_blocks_per_group,
+                         use_stream=cfg.group_offload_use_stream) if cfg.enable_group_offload else None
+    transformer = load_training_transformer(params.model, device, cfg.base_model_precision, cfg.quantize_via,
+                                            group_offload=group_offload,
+                                            offload_during_startup=cfg.offload_during_startup)
     targets = target_modules(transformer, cfg.flux_lora_target)
     lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    router = TreadRouter(parse_routes(cfg.tread_config), len(transformer.transformer_blocks)
-                         + len(transformer.single_transformer_blocks)) if cfg.tread_config else None
+    if group_offload is not None:
+        for p in lora_params:  # the offload hooks move only the frozen weights; the adapter lives on the device
+            p.data = p.data.to(device)
+    model = build_training_model(params, transformer)
     transformer.train()
 
     optimizer = make_optimizer(lora_params, cfg, device)
     from diffusers.optimization import get_scheduler
 
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=cfg.max_train_steps)
-    training_step = TrainingStep(transformer, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
-                                 max_grad_norm=cfg.max_grad_norm, router=router, device=device)
+                              num_training_steps=max_steps)
+    if accelerator is not None:
+        # DDP synchronises only the LoRA gradients; the frozen base is loaded identically by every process and
+        # is not broadcast (quantized weights could not be)
+        frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, frozen + [name for name, _ in model.named_buffers()])
+        model, optimizer = accelerator.prepare(model, optimizer, device_placement=[False, False])  # placed above
+        lora_params = [p for p in model.parameters() if p.requires_grad]
+    training_step = TrainingStep(model, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
+                                 max_grad_norm=cfg.max_grad_norm, device=device, dtype=transformer.dtype,
+                                 accelerator=accelerator)
     noise_generator = torch.Generator().manual_seed(cfg.seed)  # CPU: identical draws on every device
     # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
-    validator = TrainingValidator.for_training(params, root, transformer, device)
+    validator = TrainingValidator.for_training(params, root, transformer, device) if main_process else None
+    if validator is not None:
+        validator.max_steps = max_steps
 
     start_step, run_id = 0, None
     resumed = latest_matching(layout.checkpoints_dir, run_fingerprint) if cfg.resume_from_checkpoint else None
@@ -147,9 +213,9 @@ def train(params: Params, root: Path) -> dict:
         noise_generator.set_state(state["noise_generator"])
         torch.set_rng_state(state["torch_rng"])
         start_step, run_id = resumed.step, resumed.state.get("mlflow_run_id")
-        log.info("resuming from checkpoint %s (step %d of %d)", resumed.path.name, start_step, cfg.max_train_steps)
+        log.info("resuming from checkpoint %s (step %d of %d)", resumed.path.name, start_step, max_steps)
 
-    mlflow = tracking.configure(params, root)
+    mlflow = tracking.configure(params, root) if main_process else _NotTracked()
     model_info = describe_model(params.model)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name,
                           log_system_metrics=params.runtime.log_system_metrics()) as run:
@@ -162,14 +228,26 @@ def train(params: Params, root: Path) -> dict:
             log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
         mlflow.set_tag("resumed_from_step", start_step)
         losses, last_loss, step_time = [], float("nan"), 0.0
-        progress = tqdm(range(start_step, cfg.max_train_steps), desc="train", unit="step", initial=start_step,
-                        total=cfg.max_train_steps)
+        progress = tqdm(range(start_step, max_steps), desc="train", unit="step", initial=start_step,
+                        total=max_steps, disable=not main_process)
         accumulation = cfg.gradient_accumulation_steps
 
-        def draw_micro_batch(batch) -> MicroBatch:
+        def draw_micro_batch(batch, keep: bool = True) -> MicroBatch | None:
             """Cached latents and embeddings of `batch`, with this step's noise, sigmas, guidance and dropout (all
-            drawn from the checkpointed generator, in a fixed order)."""
-            x0 = torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch]).to(device, torch.float32)
+            drawn from the checkpointed generator, in a fixed order). keep=False: another process's micro-batch,
+            drawn only so that every process's generator stays in the same state."""
+            x0 = torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch])
+            if not keep:
+                torch.rand(len(batch), generator=noise_generator)
+                torch.randn(x0.shape, generator=noise_generator)
+                sample_sigmas(cfg, len(batch), noise_generator)
+                if params.model.flavour.guidance_embeds:
+                    guidance_values(cfg, len(batch), noise_generator)
+                if any(sample.reference_keys for sample in batch):
+                    pick_references([sample.reference_keys for sample in batch],
+                                    cfg.conditioning_multidataset_sampling, noise_generator)
+                return None
+            x0 = x0.to(device, torch.float32)
             use_empty = torch.rand(len(batch), generator=noise_generator) < cfg.caption_dropout_probability
             prompt_embeds = torch.stack([text_store.get(empty_key if drop else s.text_key)["prompt_embeds"]
                                          for s, drop in zip(batch, use_empty.tolist())]).to(device)
@@ -186,9 +264,12 @@ def train(params: Params, root: Path) -> dict:
 
         for step in progress:
             t0 = time.perf_counter()
-            micro_batches = [draw_micro_batch(batches.at(step * accumulation + j)) for j in range(accumulation)]
+            # global micro-batch (step, j, process): every process draws them all in order and keeps its own
+            drawn = [draw_micro_batch(batches.at((step * accumulation + j) * processes + p), keep=p == rank)
+                     for j in range(accumulation) for p in range(processes)]
+            micro_batches = [m for m in drawn if m is not None]
             try:
-                last_loss, grad_norm = training_step(micro_batches, noise_generator, step + 1)
+                last_loss, grad_norm = training_step(micro_batches, routing_generator(cfg.seed, step, rank), step + 1)
             except TrainingDiverged as e:
                 raise TrainingDiverged(
                     f"train: {e}; stopped. The last good checkpoint in {layout.checkpoints_dir} is kept: lower "
@@ -197,30 +278,39 @@ def train(params: Params, root: Path) -> dict:
             losses.append(last_loss)
             done = step + 1
             progress.set_postfix(loss=f"{last_loss:.4f}")
-            if done % cfg.log_every_n_steps == 0 or done == cfg.max_train_steps:
+            if done % cfg.log_every_n_steps == 0 or done == max_steps:
                 # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
                 mlflow.log_metrics({"loss": last_loss, "learning_rate": scheduler.get_last_lr()[0],
                                     "grad_norm": float(grad_norm), "step_time_s": step_time}, step=done,
                                    synchronous=False)
-            if done % cfg.checkpointing_steps == 0 and done < cfg.max_train_steps:
-                save_checkpoint(layout.checkpoints_dir, done, lora_state_dict(transformer),
-                                {**training_step.state_dict(), "noise_generator": noise_generator.get_state(),
-                                 "torch_rng": torch.get_rng_state()},
-                                {"fingerprint": run_fingerprint, "mlflow_run_id": run.info.run_id, "loss": last_loss},
-                                keep=cfg.checkpoints_total_limit)
+            if done % cfg.checkpointing_steps == 0 and done < max_steps:
+                lora = lora_state_dict(transformer)  # every process: FSDP gathers the shards here
+                if main_process:
+                    save_checkpoint(layout.checkpoints_dir, done, lora,
+                                    {**training_step.state_dict(), "noise_generator": noise_generator.get_state(),
+                                     "torch_rng": torch.get_rng_state()},
+                                    {"fingerprint": run_fingerprint, "mlflow_run_id": run.info.run_id,
+                                     "loss": last_loss, "processes": processes},
+                                    keep=cfg.checkpoints_total_limit)
             if validator is not None and validator.due(done):
                 validator.run(done, mlflow)
             # FLUX2LORA_FAULT=train:step=N fails once here, after step N's checkpoint: the retry resumes from it
             faults.maybe_fail("train", f"step={done}", layout.output_dir)
 
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+            if not main_process:
+                lora_state_dict(transformer)  # FSDP: take part in gathering the final LoRA
+                return {"final_loss": last_loss, "steps": max_steps, "process": rank}
         metadata = {**model_info, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
-                    "targets": cfg.flux_lora_target, "steps": cfg.max_train_steps,
+                    "targets": cfg.flux_lora_target, "steps": max_steps, "processes": processes,
                     "trigger_phrase": params.publish.trigger_phrase,
                     "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.data_root),
                     "mlflow_run_id": run.info.run_id}
         lora_file = save_diffusers_lora(transformer, pipeline_class(params.model), layout.lora_dir, metadata)
         mlflow.log_artifact(str(lora_file), artifact_path="lora")
-        metrics = {"final_loss": last_loss, "steps": cfg.max_train_steps, "resumed_from_step": start_step,
+        metrics = {"final_loss": last_loss, "steps": max_steps, "resumed_from_step": start_step,
+                   "processes": processes,
                    "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
                    "lora_modules": len(targets), "last_step_time_s": step_time}
         mlflow.flush_async_logging()

@@ -58,7 +58,10 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
     """The adapter's weights in peft naming (`transformer_blocks.0.attn.to_q.lora_A.weight`), on CPU."""
     from peft.utils import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(transformer).items()}
+    state = get_peft_model_state_dict(transformer)
+    # FSDP shards parameters as DTensors: full_tensor() gathers them (a collective: every process calls this)
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().to("cpu").clone()
+            for k, v in state.items()}
 
 
 def load_lora_state_dict(transformer, state: dict[str, torch.Tensor]) -> None:

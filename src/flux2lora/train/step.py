@@ -7,6 +7,7 @@ schedule step once.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -33,17 +34,31 @@ class MicroBatch:
 
 
 class TrainingStep:
-    """Forward, loss and backward per micro-batch; clip, optimizer, scaler and scheduler once per step."""
+    """Forward, loss and backward per micro-batch; clip, optimizer, scaler and scheduler once per step.
 
-    def __init__(self, transformer, lora_params: list[torch.nn.Parameter], optimizer, scheduler, *,
-                 mixed_precision: str = "no", max_grad_norm: float = 1.0, router=None, device=None):
-        self.transformer, self.lora_params = transformer, lora_params
+    model: a `TrainingModel`, the same wrapped by accelerate (DDP / FSDP), or a bare transformer (wrapped here,
+    with `router` for TREAD). With an accelerator of several processes, gradients are synchronised once per step
+    (not per micro-batch), a non-finite loss on any process stops every process, and the returned loss is the mean
+    over processes."""
+
+    def __init__(self, model, lora_params: list[torch.nn.Parameter], optimizer, scheduler, *,
+                 mixed_precision: str = "no", max_grad_norm: float = 1.0, router=None, device=None,
+                 dtype: torch.dtype | None = None, accelerator=None):
+        from .model import TrainingModel
+
+        if hasattr(model, "transformer_blocks"):  # a bare transformer
+            model = TrainingModel(model, router)
+        self.model, self.lora_params = model, lora_params
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.device = device or next(transformer.parameters()).device
+        inner = getattr(model, "module", model)
+        self.transformer = inner.transformer
+        self.device = device or next(self.transformer.parameters()).device
+        self.dtype = dtype or self.transformer.dtype
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=mixed_precision == "fp16")
         self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-        self.router = router
+        self.accelerator = accelerator
+        self.distributed = accelerator is not None and accelerator.num_processes > 1
 
     def loss(self, batch: MicroBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """The flow-matching loss of one micro-batch (graph kept for backward)."""
@@ -51,30 +66,45 @@ class TrainingStep:
         noisy = (1.0 - s) * batch.x0 + s * batch.noise
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            prediction = predict(self.transformer, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance,
-                                 batch.references, self.router, generator)
+            prediction = predict(self.model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance,
+                                 batch.references, generator, dtype=self.dtype)
         return torch.nn.functional.mse_loss(prediction.float(), pack(batch.noise - batch.x0).float())
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        if self.distributed:  # every process must stop together, or the others would wait in the next all-reduce
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        return bool(finite.item())
 
     def __call__(self, micro_batches: list[MicroBatch], generator: torch.Generator | None = None,
                  step_number: int = 0) -> tuple[float, float]:
         """One optimizer step over the micro-batches; returns (mean loss, grad norm before clipping).
 
         Raises TrainingDiverged before touching the weights when a loss is not finite."""
-        total = 0.0
-        for batch in micro_batches:
-            loss = self.loss(batch, generator)
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(f"loss became {loss.item()} at step {step_number}")
-            self.scaler.scale(loss / len(micro_batches)).backward()
-            total += loss.item()
+        total = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            # DDP: accumulate locally, all-reduce the gradients once, with the last micro-batch's backward
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or not self.distributed else self.accelerator.no_sync(self.model)
+            with sync:
+                loss = self.loss(batch, generator)
+                if not self._all_finite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDiverged(f"loss became {loss.item()} at step {step_number}")
+                self.scaler.scale(loss / len(micro_batches)).backward()
+            total += loss.detach()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.max_grad_norm)
+        if self.accelerator is not None:
+            grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, self.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / len(micro_batches), float(grad_norm)
+        if self.distributed:
+            total = self.accelerator.reduce(total, reduction="mean")
+        return float(total) / len(micro_batches), float(grad_norm)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

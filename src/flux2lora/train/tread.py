@@ -55,6 +55,7 @@ class TreadRouter:
     """Runs `Flux2Transformer2DModel` with token routing; same inputs and output as its forward (return_dict=False)."""
 
     def __init__(self, routes: list[Route], num_blocks: int):
+        # no routes: the plain block loop (used for per-block checkpointing and regional compile)
         self.spans = sorted((r.span(num_blocks) + (r.selection_ratio,) for r in routes))
         for (s0, e0, _), (s1, _, _) in zip(self.spans, self.spans[1:]):
             if s1 <= e0:
@@ -63,8 +64,12 @@ class TreadRouter:
     def forward(self, transformer, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 timestep: torch.Tensor, img_ids: torch.Tensor, txt_ids: torch.Tensor,
                 guidance: torch.Tensor | None, generator: torch.Generator | None = None,
-                keep_indices: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """(B, N_img, C) prediction. keep_indices (one per route) overrides the random draw, for tests."""
+                keep_indices: list[torch.Tensor] | None = None, block_calls: list | None = None) -> torch.Tensor:
+        """(B, N_img, C) prediction. keep_indices (one per route) overrides the random draw, for tests.
+
+        block_calls: per block, the callable that runs it with positional arguments (`train.model.BlockCall`:
+        checkpointed and/or compiled); None: the block itself, checkpointed when the transformer's gradient
+        checkpointing is on."""
         t = transformer
         timestep = timestep.to(hidden_states.dtype) * 1000
         if guidance is not None:
@@ -96,16 +101,16 @@ class TreadRouter:
                 img = img[:, keep]
                 current_rope = (img_rope[0][keep], img_rope[1][keep])
             rope = (torch.cat([txt_rope[0], current_rope[0]]), torch.cat([txt_rope[1], current_rope[1]]))
-            if index < n_double:
-                args = (img, txt, mod_img, mod_txt, rope, None)
-                txt, img = t._gradient_checkpointing_func(block, *args) if checkpointing else \
-                    block(hidden_states=img, encoder_hidden_states=txt, temb_mod_img=mod_img,
-                          temb_mod_txt=mod_txt, image_rotary_emb=rope, joint_attention_kwargs=None)
+            if block_calls is not None:
+                run = block_calls[index]
             else:
-                joint = torch.cat([txt, img], dim=1)
-                joint = t._gradient_checkpointing_func(block, joint, None, mod_single, rope, None) if checkpointing \
-                    else block(hidden_states=joint, encoder_hidden_states=None, temb_mod=mod_single,
-                               image_rotary_emb=rope, joint_attention_kwargs=None)
+                run = (lambda *args, _block=block: t._gradient_checkpointing_func(_block, *args)) \
+                    if checkpointing else block
+            if index < n_double:
+                # positional, in the blocks' signature order (what checkpoint functions pass on)
+                txt, img = run(img, txt, mod_img, mod_txt, rope, None)
+            else:
+                joint = run(torch.cat([txt, img], dim=1), None, mod_single, rope, None)
                 txt, img = joint[:, :n_txt], joint[:, n_txt:]
             if saved is not None and any(s[1] == index for s in self.spans):
                 full = saved.clone()

@@ -1,0 +1,70 @@
+"""Multi-process training: the train stage under `accelerate launch` with the project's DDP config, on two CPU
+processes talking gloo (ACCELERATE_USE_CPU makes accelerate pick gloo; on GPUs the same config uses NCCL).
+
+Only rank 0 logs and saves. Every process draws all micro-batches of a step from the shared generator and keeps its
+own, so two processes with one micro-batch each compute exactly what one process accumulating both computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import REPO, make_project
+from safetensors.torch import load_file
+
+from flux2lora.config import load_params
+from flux2lora.stages import run_stage
+
+pytestmark = pytest.mark.slow
+
+
+def _set(params_file: Path, **values) -> None:
+    raw = yaml.safe_load(params_file.read_text())
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        raw.setdefault(section, {})[key] = value
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_ddp_on_two_cpu_processes_trains_and_saves_one_lora_equal_to_one_process(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from tasks.launch import launch_train
+
+    project = make_project(tmp_path / "project", git=False, images=8,
+                           **{"train.max_train_steps": 3, "train.checkpointing_steps": 2,
+                              "train.mixed_precision": "no", "train.train_batch_size": 1,
+                              "runtime.num_processes": 2})
+    shutil.copytree(REPO / "infra", project / "infra")  # the DDP config ships there
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, project / "params.yaml")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    summary = launch_train(project, load_params(project / "params.yaml"), logging.getLogger("test.ddp"))
+    assert summary["steps"] == 3 and summary["processes"] == 2
+
+    lora_dir = project / "outputs" / "lora"
+    assert [p.name for p in lora_dir.iterdir() if p.suffix == ".safetensors"] == ["pytorch_lora_weights.safetensors"]
+    ddp_lora = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    checkpoints = sorted((project / "outputs" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-000002"], checkpoints  # written once, by rank 0
+
+    # one process, accumulating the two micro-batches the two processes trained on
+    _set(project / "params.yaml", **{"runtime.num_processes": 1, "train.gradient_accumulation_steps": 2})
+    run_stage("train", project / "params.yaml")
+    single_lora = load_file(lora_dir / "pytorch_lora_weights.safetensors")
+    assert ddp_lora.keys() == single_lora.keys()
+    for key in ddp_lora:
+        # the same computation; only the order of the gradient sum differs (all-reduce vs accumulation)
+        torch.testing.assert_close(ddp_lora[key], single_lora[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_lora.items() if "lora_B" in k)
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("flux2-lora").experiment_id])
+    assert len(runs) == 2  # the DDP run (rank 0 only) and the single-process one
+    ddp_run = next(r for r in runs if r.info.run_id == summary["mlflow_run_id"])
+    assert [m.step for m in client.get_metric_history(ddp_run.info.run_id, "loss")] == [1, 2, 3]
+    assert ddp_run.data.metrics["final_loss"] == pytest.approx(summary["final_loss"])
