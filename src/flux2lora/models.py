@@ -46,10 +46,16 @@ def load_text_pipeline(model: ModelParams, device: torch.device):
     return pipe
 
 
-def load_vae(model: ModelParams, device: torch.device):
+def load_vae(model: ModelParams, device: torch.device, group_offload: bool = False):
+    """The VAE on `device`; group_offload: its weights stay in CPU memory and each layer is copied to `device` as
+    it runs (leaf level: the VAE's encoder is one module, not a list of blocks)."""
     from diffusers import AutoencoderKLFlux2
 
-    return AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).to(device).eval()
+    vae = AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).eval()
+    if group_offload:
+        apply_group_offload(vae, device, "leaf_level", use_stream=device.type == "cuda")
+        return vae
+    return vae.to(device)
 
 
 def load_transformer(model: ModelParams, device: torch.device):

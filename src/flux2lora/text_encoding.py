@@ -60,12 +60,15 @@ class PromptEncoder:
 
     @classmethod
     def from_pretrained(cls, model: ModelParams, layers: tuple[int, ...] | None = None, max_sequence_length: int = 512,
-                        device: torch.device | str = "cpu", precision: str | None = None, truncate: bool = True):
+                        device: torch.device | str = "cpu", precision: str | None = None, truncate: bool = True,
+                        group_offload: bool = False):
         """Load the flavour's tokenizer and its text encoder's base model with only layers 1..max(layers).
 
         precision: fp32 / bf16 / fp16, or int8-quanto / int4-quanto (weights quantized with optimum-quanto,
         activations in base_model_default_dtype). None: the model's base_model_default_dtype.
         truncate=False loads every layer (what the pipelines do), for comparisons and benchmarks.
+        group_offload: the weights stay in CPU memory and each decoder layer is copied to `device` as it runs
+        (diffusers' group offloading; prefetched on a side stream on CUDA).
         """
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -104,7 +107,13 @@ class PromptEncoder:
 
             quantize(encoder, weights=qint8 if precision == "int8-quanto" else qint4)
             freeze(encoder)
-        encoder.to(device)
+        if group_offload:
+            from .models import apply_group_offload
+
+            apply_group_offload(encoder, torch.device(device), "block_level", 1,
+                                use_stream=torch.device(device).type == "cuda")
+        else:
+            encoder.to(device)
         if flavour.text_encoder_family == "mistral3":
             from transformers import AutoProcessor
 

@@ -119,7 +119,7 @@ def encode_latents(params: Params, root: Path) -> dict:
     failed: dict[str, str] = {}
     if todo:
         device = resolve_device(params.model.device)
-        vae = load_vae(params.model, device)
+        vae = load_vae(params.model, device, group_offload=cfg.group_offload_vae)
         store_dtype = torch_dtype(cfg.cache_dtype)
 
         def load(job: Job):

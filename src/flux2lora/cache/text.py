@@ -67,7 +67,8 @@ def encode_text(params: Params, root: Path) -> dict:
         device = resolve_device(params.model.device)
         encoder = PromptEncoder.from_pretrained(params.model, text_layers(params), cfg.max_sequence_length, device,
                                                 precision=cfg.text_encoder_1_precision,
-                                                truncate=cfg.truncate_text_encoder)
+                                                truncate=cfg.truncate_text_encoder,
+                                                group_offload=cfg.group_offload_text_encoder)
         store_dtype = torch_dtype(cfg.cache_dtype)
         # `with store`: shards of write_batch_size are written as they fill, the last partial one on the way out
         with store, tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:

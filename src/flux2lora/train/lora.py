@@ -7,6 +7,7 @@ match the double blocks' `attn.to_out` ModuleList, which peft refuses.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,7 +48,11 @@ def add_lora(transformer, rank: int, alpha: float | None, dropout: float, target
 
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                         init_lora_weights="gaussian", target_modules=targets)
-    transformer.add_adapter(config)
+    with warnings.catch_warnings():
+        # fp8-torchao bases: peft warns that merge() would need torchao's requantization recipe; training never
+        # merges (the LoRA is saved separately)
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        transformer.add_adapter(config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # fp32 master weights for the adapter, whatever the frozen base's dtype
