@@ -68,3 +68,51 @@ def test_ddp_on_two_cpu_processes_trains_and_saves_one_lora_equal_to_one_process
     ddp_run = next(r for r in runs if r.info.run_id == summary["mlflow_run_id"])
     assert [m.step for m in client.get_metric_history(ddp_run.info.run_id, "loss")] == [1, 2, 3]
     assert ddp_run.data.metrics["final_loss"] == pytest.approx(summary["final_loss"])
+
+
+def test_ddp_run_killed_by_a_fault_resumes_from_its_checkpoint_and_ends_with_the_same_lora(tmp_path, monkeypatch,
+                                                                                           caplog):
+    """FLUX2LORA_FAULT fails one process after step 2's checkpoint; torchrun stops the other; the relaunch resumes
+    both from rank 0's checkpoint (optimizer state, generators, each process's own dropout RNG) and ends bitwise
+    equal to an uninterrupted two-process run."""
+    from tasks.launch import LaunchFailed, launch_train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    logger = logging.getLogger("test.ddp")
+    template = make_project(tmp_path / "template", git=False, images=8,
+                            **{"train.max_train_steps": 4, "train.checkpointing_steps": 2, "train.lora_dropout": 0.1,
+                               "train.mixed_precision": "no", "runtime.num_processes": 2})
+    shutil.copytree(REPO / "infra", template / "infra")
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, template / "params.yaml")
+    straight, faulted = tmp_path / "straight", tmp_path / "faulted"
+    shutil.copytree(template, straight, symlinks=True)
+    shutil.copytree(template, faulted, symlinks=True)
+
+    launch_train(straight, load_params(straight / "params.yaml"), logger)
+    monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=2")
+    with caplog.at_level(logging.INFO, logger="test.ddp"), pytest.raises(LaunchFailed, match="exited with code"):
+        launch_train(faulted, load_params(faulted / "params.yaml"), logger)
+    # whichever process fired it, its traceback went through the task log
+    assert any("injected fault at step=2" in r.getMessage() for r in caplog.records)
+    assert not (faulted / "outputs/lora/pytorch_lora_weights.safetensors").exists()
+    summary = launch_train(faulted, load_params(faulted / "params.yaml"), logger)
+    assert summary["resumed_from_step"] == 2
+
+    a = load_file(straight / "outputs/lora/pytorch_lora_weights.safetensors")
+    b = load_file(faulted / "outputs/lora/pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp2_config_is_a_valid_accelerate_config_sharding_the_transformer_blocks():
+    """FSDP2 needs accelerators (accelerate runs FSDP only there), so here only its config is checked; the loop's
+    distributed paths it relies on (sharded-safe LoRA gathering, full optimizer state dicts) run under DDP above."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "infra/accelerate/fsdp2.yaml"))
+    assert config.distributed_type.value == "FSDP" and config.mixed_precision == "no"
+    assert config.fsdp_config["fsdp_version"] == 2
+    from diffusers import Flux2Transformer2DModel
+
+    assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",") == \
+        Flux2Transformer2DModel._no_split_modules

@@ -41,8 +41,12 @@ from .model import build_training_model
 
 log = logging.getLogger(__name__)
 
-# Params that change how a run is observed or saved, not what it computes: editing them keeps checkpoints valid.
-NON_COMPUTING = {"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "log_every_n_steps"}
+# Params that change how a run is observed or saved, or its memory and speed, not what it computes: editing them
+# keeps checkpoints valid (a run that ran out of memory resumes with checkpointing or offload switched on).
+NON_COMPUTING = {"checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "log_every_n_steps",
+                 "gradient_checkpointing", "gradient_checkpointing_blocks", "vram_budget_gib", "compile_transformer",
+                 "compile_backend", "enable_group_offload", "group_offload_type", "group_offload_blocks_per_group",
+                 "group_offload_use_stream", "offload_during_startup", "quantize_via"}
 
 
 def distributed_accelerator():
@@ -114,12 +118,15 @@ def load_samples(layout) -> tuple[list[Sample], str]:
     return samples, text_index["empty"]
 
 
-def fingerprint(params: Params, layout) -> str:
-    """Identity of what this run computes: train params, model, and the exact cached inputs."""
+def fingerprint(params: Params, layout, processes: int = 1) -> str:
+    """Identity of what this run computes: train params, model, the exact cached inputs, and the number of
+    processes (each step trains on every process's micro-batches)."""
     train = {k: v for k, v in params.train.model_dump().items() if k not in NON_COMPUTING}
-    h = hashlib.sha256(json.dumps({"train": train, "model": params.model.model_dump(),
-                                   "transformer": component_identity(params.model, "transformer")},
-                                  sort_keys=True).encode())
+    identity = {"train": train, "model": params.model.model_dump(),
+                "transformer": component_identity(params.model, "transformer")}
+    if processes > 1:
+        identity["processes"] = processes
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     h.update((layout.latents_dir / "index.json").read_bytes())
     h.update((layout.text_embeds_dir / "index.json").read_bytes())
     return h.hexdigest()[:20]
@@ -165,7 +172,7 @@ def train(params: Params, root: Path) -> dict:
     latent_store, text_store = TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir)
     batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
     max_steps = total_steps(cfg, batches, processes)
-    run_fingerprint = fingerprint(params, layout)
+    run_fingerprint = fingerprint(params, layout, processes)
     warn_if_guidance_ignored(params)
 
     torch.manual_seed(cfg.seed)
@@ -182,6 +189,10 @@ def train(params: Params, root: Path) -> dict:
     model = build_training_model(params, transformer)
     transformer.train()
 
+    start_step, run_id = 0, None
+    resumed = latest_matching(layout.checkpoints_dir, run_fingerprint) if cfg.resume_from_checkpoint else None
+    if resumed is not None:  # the LoRA weights before any wrapping (FSDP shards them)
+        load_lora_state_dict(transformer, resumed.lora)
     optimizer = make_optimizer(lora_params, cfg, device)
     from diffusers.optimization import get_scheduler
 
@@ -195,6 +206,9 @@ def train(params: Params, root: Path) -> dict:
             model, frozen + [name for name, _ in model.named_buffers()])
         model, optimizer = accelerator.prepare(model, optimizer, device_placement=[False, False])  # placed above
         lora_params = [p for p in model.parameters() if p.requires_grad]
+        torch.manual_seed(cfg.seed + rank)  # LoRA dropout masks: independent per process (init above is shared)
+        log.info("training on %d processes (%s, rank %d): model wrapped as %s", processes,
+                 accelerator.distributed_type.value, rank, type(model).__name__)
     training_step = TrainingStep(model, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
                                  max_grad_norm=cfg.max_grad_norm, device=device, dtype=transformer.dtype,
                                  accelerator=accelerator)
@@ -204,14 +218,11 @@ def train(params: Params, root: Path) -> dict:
     if validator is not None:
         validator.max_steps = max_steps
 
-    start_step, run_id = 0, None
-    resumed = latest_matching(layout.checkpoints_dir, run_fingerprint) if cfg.resume_from_checkpoint else None
     if resumed is not None:
-        load_lora_state_dict(transformer, resumed.lora)
         state = resumed.training_state()
         training_step.load_state_dict(state)
         noise_generator.set_state(state["noise_generator"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state.get("torch_rng_per_process", [state["torch_rng"]] * processes)[rank])
         start_step, run_id = resumed.step, resumed.state.get("mlflow_run_id")
         log.info("resuming from checkpoint %s (step %d of %d)", resumed.path.name, start_step, max_steps)
 
@@ -284,11 +295,16 @@ def train(params: Params, root: Path) -> dict:
                                     "grad_norm": float(grad_norm), "step_time_s": step_time}, step=done,
                                    synchronous=False)
             if done % cfg.checkpointing_steps == 0 and done < max_steps:
-                lora = lora_state_dict(transformer)  # every process: FSDP gathers the shards here
+                # every process: FSDP gathers the LoRA's and the optimizer's shards here
+                lora, training_state = lora_state_dict(transformer), training_step.state_dict()
+                torch_rng = [torch.get_rng_state()]
+                if accelerator is not None:  # each process's own (dropout) RNG, so each resumes exactly
+                    torch_rng = [None] * processes
+                    torch.distributed.all_gather_object(torch_rng, torch.get_rng_state())
                 if main_process:
                     save_checkpoint(layout.checkpoints_dir, done, lora,
-                                    {**training_step.state_dict(), "noise_generator": noise_generator.get_state(),
-                                     "torch_rng": torch.get_rng_state()},
+                                    {**training_state, "noise_generator": noise_generator.get_state(),
+                                     "torch_rng": torch_rng[0], "torch_rng_per_process": torch_rng},
                                     {"fingerprint": run_fingerprint, "mlflow_run_id": run.info.run_id,
                                      "loss": last_loss, "processes": processes},
                                     keep=cfg.checkpoints_total_limit)

@@ -107,13 +107,29 @@ class TrainingStep:
         return float(total) / len(micro_batches), float(grad_norm)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        """Optimizer, scheduler and scaler state. Several processes: the optimizer's full state keyed by parameter
+        name (torch.distributed.checkpoint gathers FSDP's shards; a collective, so every process calls this)."""
+        return {"optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, getattr(self.optimizer, "optimizer", self.optimizer),
+                                     state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+    def _optimizer_state(self) -> dict:
+        if not self.distributed:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.model, getattr(self.optimizer, "optimizer", self.optimizer),
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def make_optimizer(lora_params, cfg, device: torch.device):
