@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-ANCHOR = ROOT.parent / "shared" / "bench" / "anchor_gpu.py"
+# the shared copy when it is beside the repo; else the verbatim copy in bench/ (what travels to a GPU machine)
+ANCHOR = next((p for p in (ROOT.parent / "shared" / "bench" / "anchor_gpu.py", ROOT / "bench" / "anchor_gpu.py")
+               if p.exists()), ROOT / "bench" / "anchor_gpu.py")
 CPU_SMALL = dict(num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=64,
                  joint_attention_dim=3 * 128, axes_dims_rope=(16, 16, 16, 16), guidance_embeds=False)
 
@@ -45,25 +47,30 @@ def sync(device):
 
 
 def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int, *, checkpointing=True,
-         preset="recipe", precision="bf16", tread=None, label="flux2lora") -> dict:
+         preset="recipe", precision="bf16", tread=None, label="flux2lora", flavour=None, **train) -> dict:
+    """One row: our TrainingStep on `config`; `train` holds further TrainParams (compile_transformer,
+    gradient_checkpointing_blocks, vram_budget_gib, enable_group_offload, ...) applied through the same
+    build_training_model the train stage uses."""
     from diffusers import Flux2Transformer2DModel
     from diffusers.optimization import get_scheduler
     from optimum import quanto
 
-    from flux2lora.config import TrainParams
-    from flux2lora.models import QUANTIZED_MODULES, parameter_bytes
+    from flux2lora.config import Params
+    from flux2lora.models import QUANTIZED_MODULES, _quantize_fp8, apply_group_offload, parameter_bytes
     from flux2lora.train.lora import add_lora, target_modules
+    from flux2lora.train.model import build_training_model
     from flux2lora.train.step import MicroBatch, TrainingStep, make_optimizer
-    from flux2lora.train.tread import TreadRouter, parse_routes
 
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
     torch.manual_seed(0)
+    offload = train.get("enable_group_offload", False)
+    build_on = torch.device("cpu") if offload else device
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
+    with torch.device(build_on):
         model = Flux2Transformer2DModel(**config)
     torch.set_default_dtype(prev)
     model.requires_grad_(False)
@@ -71,25 +78,33 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
         quanto.quantize(model, weights=quanto.qint8 if precision == "int8-quanto" else quanto.qint4,
                         include=QUANTIZED_MODULES)
         quanto.freeze(model)
+    elif precision == "fp8-torchao":
+        _quantize_fp8(model, device)
+    if offload:
+        apply_group_offload(model, device, blocks_per_group=train.get("group_offload_blocks_per_group", 1),
+                            use_stream=device.type == "cuda")
     if preset == "recipe":  # the diffusers example's targets, for equal work with the recipe
         targets = [n for n, _ in model.named_modules() if n.endswith(("attn.to_q", "attn.to_k", "attn.to_v",
                    "attn.to_out.0", "attn.to_qkv_mlp_proj")) or (n.startswith("single_") and n.endswith("attn.to_out"))]
     else:
         targets = target_modules(model, preset)
-    cfg = TrainParams(lora_rank=16, learning_rate=1e-4, mixed_precision="bf16" if device.type == "cuda" else "no",
-                      max_train_steps=1000)
+    params = Params(model={"model_flavour": flavour or "klein-4b"}, prepare={"resolution": res},
+                    encode_text={"max_sequence_length": text_len},
+                    train={"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 1000,
+                           "mixed_precision": "bf16" if device.type == "cuda" else "no",
+                           "gradient_checkpointing": checkpointing, "tread_config": tread,
+                           "base_model_precision": "no_change" if precision == "bf16" else precision,
+                           "flux_lora_target": "all" if preset == "recipe" else preset, **train})
+    cfg = params.train
     lora_params = add_lora(model, 16, 16, 0.0, targets)
-    if checkpointing:
-        model.enable_gradient_checkpointing()
+    for p in lora_params:
+        p.data = p.data.to(device)
+    training_model = build_training_model(params, model)
     model.train()
     optimizer = make_optimizer(lora_params, cfg, device)
     scheduler = get_scheduler("constant", optimizer)
-    router = None
-    if tread:
-        n_blocks = len(model.transformer_blocks) + len(model.single_transformer_blocks)
-        router = TreadRouter(parse_routes(tread), n_blocks)
-    step = TrainingStep(model, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
-                        max_grad_norm=1.0, router=router, device=device)
+    step = TrainingStep(training_model, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
+                        max_grad_norm=1.0, device=device, dtype=torch.bfloat16)
     side = res // 16
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(1, 128, side, side, generator=g).to(device, torch.bfloat16)
@@ -97,7 +112,7 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
     guidance = torch.ones(1, device=device) if config.get("guidance_embeds") else None
 
     def one():
-        from flux2lora.train.loop import sample_sigmas
+        from flux2lora.train.step import sample_sigmas
 
         sigmas = sample_sigmas(cfg, 1, g).to(device)
         batch = MicroBatch(x0, embeds, torch.randn(x0.shape, generator=g).to(device, x0.dtype), sigmas, guidance)
@@ -112,12 +127,21 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
         one()
         sync(device)
         times.append(time.perf_counter() - t0)
+    from flux2lora.planner import plan_from_params, predict
+
+    plan = plan_from_params(params)
+    if preset == "recipe":  # the planner knows the recipe's targets (its calibration runs)
+        from dataclasses import replace
+
+        plan = replace(plan, lora_target="recipe")
+    planned = predict(plan) if flavour else None
     rec = {"what": label, "res": res, "checkpointing": checkpointing, "preset": preset, "precision": precision,
-           "tread": bool(tread), "step_s_median": statistics.median(times),
+           "tread": bool(tread), "options": train, "step_s_median": statistics.median(times),
+           "planned_peak_gib": planned.peak_gib if planned else None,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
            "transformer_gib": parameter_bytes(model) / 2**30}
     print(json.dumps(rec), flush=True)
-    del model, optimizer, step
+    del model, optimizer, step, training_model
     return rec
 
 
@@ -142,20 +166,41 @@ def main() -> None:
     print("diffusers", diffusers.__version__, "peft", peft.__version__, flush=True)
     recipe = anchor.lora_step_bench("klein-4b" if args.gpu else "cpu-small", res, True, device, steps=steps,
                                     text_len=text_len)
-    base = ours(config, res, text_len, device, steps)
-    rows = [base,
-            ours(config, res, text_len, device, steps, preset="all", label="flux2lora all modules"),
-            ours(config, res, text_len, device, steps, checkpointing=False, label="flux2lora no checkpointing"),
-            ours(config, res, text_len, device, steps, precision="int8-quanto", label="flux2lora int8 base"),
-            ours(config, res, text_len, device, steps, precision="int4-quanto", label="flux2lora int4 base"),
-            ours(config, res, text_len, device, steps, label="flux2lora TREAD 0.5",
-                 tread={"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -2}]})]
+    flavour = "klein-4b" if args.gpu else None  # the planner predicts real-size peaks only
+    kw = dict(flavour=flavour)
+    rows = [ours(config, res, text_len, device, steps, **kw)]  # equal work with the recipe
+    variants = [
+        dict(label="speed mode: compile, no ckpt", checkpointing=False, compile_transformer=True),
+        dict(label="memory mode: compile + ckpt", compile_transformer=True),
+        dict(label="budget 14 GiB: compile", compile_transformer=True, vram_budget_gib=14.0),
+        dict(label="no checkpointing", checkpointing=False),
+        dict(label="all modules", preset="all"),
+        dict(label="int8 base", precision="int8-quanto"),
+        dict(label="int4 base", precision="int4-quanto"),
+        dict(label="fp8 base (torchao)", precision="fp8-torchao"),
+        dict(label="group offload", enable_group_offload=True),
+        dict(label="TREAD 0.5", tread={"routes": [{"selection_ratio": 0.5, "start_layer_idx": 1,
+                                                   "end_layer_idx": -2}]}),
+    ]
+    if not args.gpu:  # compile on 2 CPU cores takes minutes per variant and says nothing about GPU speed
+        variants = [v for v in variants if not v.get("compile_transformer")]
+    for variant in variants:
+        variant = dict(variant)
+        label = "flux2lora " + variant.pop("label")
+        try:
+            rows.append(ours(config, res, text_len, device, steps, label=label, **kw, **variant))
+        except Exception as e:  # one failing option must not cost the other numbers
+            print(json.dumps({"what": label, "error": repr(e)[:400]}), flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     print("\nRATIOS (recipe step time / ours; >= 1.0 means ours is at least as fast)")
     for row in rows:
         peak = f" peak {row['peak_gib']:.1f} GiB" if row["peak_gib"] is not None else ""
-        print(f"{row['what']:28s} {row['step_s_median']:.3f} s  x{recipe['step_s_median'] / row['step_s_median']:.2f}"
+        if row.get("planned_peak_gib") and row["peak_gib"]:
+            peak += f" (planned {row['planned_peak_gib']:.1f}, {row['planned_peak_gib'] / row['peak_gib'] - 1:+.0%})"
+        print(f"{row['what']:40s} {row['step_s_median']:.3f} s  x{recipe['step_s_median'] / row['step_s_median']:.2f}"
               f"{peak}  weights {row['transformer_gib']:.2f} GiB")
-    print(f"{'recipe (diffusers+peft)':28s} {recipe['step_s_median']:.3f} s")
+    print(f"{'recipe (diffusers+peft)':40s} {recipe['step_s_median']:.3f} s")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from ..models import (component_identity, describe_model, load_training_transfor
 from ..validate.during_training import TrainingValidator
 from .checkpoint import latest_matching, save_checkpoint
 from .forward import pick_references
-from .step import MicroBatch, TrainingDiverged, TrainingStep, make_optimizer
+from .step import MicroBatch, TrainingDiverged, TrainingStep, make_optimizer, sample_sigmas  # noqa: F401
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, save_diffusers_lora, target_modules
 from .model import build_training_model
 
@@ -130,17 +130,6 @@ def fingerprint(params: Params, layout, processes: int = 1) -> str:
     h.update((layout.latents_dir / "index.json").read_bytes())
     h.update((layout.text_embeds_dir / "index.json").read_bytes())
     return h.hexdigest()[:20]
-
-
-def sample_sigmas(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """sigma in (0, 1) per sample: diffusers' density sampling, then the shift s*sigma / (1 + (s-1)*sigma)."""
-    from diffusers.training_utils import compute_density_for_timestep_sampling
-
-    u = compute_density_for_timestep_sampling(cfg.weighting_scheme, batch, logit_mean=cfg.logit_mean,
-                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
-                                              generator=generator)
-    s = cfg.timestep_shift
-    return (s * u / (1 + (s - 1) * u)).clamp(1e-5, 1.0)
 
 
 def guidance_values(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:

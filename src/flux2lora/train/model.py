@@ -88,13 +88,11 @@ def build_training_model(params, transformer) -> TrainingModel:
     if cfg.compile_transformer and cfg.enable_group_offload:
         raise ValueError("train.compile_transformer and train.enable_group_offload cannot be combined: the offload "
                          "hooks move weights from inside the compiled blocks; choose one")
-    per_block = cfg.compile_transformer or 0 < checkpointed < total
-    if not per_block:
-        # every block or none: diffusers' own checkpointing flag (also read by the TREAD loop)
-        if checkpointed == total:
-            transformer.enable_gradient_checkpointing()
-        router = TreadRouter(routes, total) if routes else None
-        return TrainingModel(transformer, router)
+    # The last block is never checkpointed: its recompute would run first thing in the backward, while its
+    # activations would be rebuilt anyway, so checkpointing it costs a block's forward and saves no peak memory.
+    checkpointed = min(checkpointed, total - 1)
+    if not cfg.compile_transformer and checkpointed == 0:
+        return TrainingModel(transformer, TreadRouter(routes, total) if routes else None)  # diffusers' forward
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     calls = [BlockCall(block, index < checkpointed) for index, block in enumerate(blocks)]
     if cfg.compile_transformer:

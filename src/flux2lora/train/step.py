@@ -12,8 +12,20 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import TrainParams
 from ..latents import pack
 from .forward import predict
+
+
+def sample_sigmas(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """sigma in (0, 1) per sample: diffusers' density sampling, then the shift s*sigma / (1 + (s-1)*sigma)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling(cfg.weighting_scheme, batch, logit_mean=cfg.logit_mean,
+                                              logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                              generator=generator)
+    s = cfg.timestep_shift
+    return (s * u / (1 + (s - 1) * u)).clamp(1e-5, 1.0)
 
 
 class TrainingDiverged(RuntimeError):
@@ -88,16 +100,19 @@ class TrainingStep:
             sync = contextlib.nullcontext() if last or not self.distributed else self.accelerator.no_sync(self.model)
             with sync:
                 loss = self.loss(batch, generator)
-                if not self._all_finite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {step_number}")
                 self.scaler.scale(loss / len(micro_batches)).backward()
             total += loss.detach()
+        # One host sync per step, after every backward has been queued (a check before each backward would stall
+        # the GPU's queue mid-step); nothing has touched the weights yet.
+        if not self._all_finite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"loss became {total.item() / len(micro_batches)} at step {step_number}")
         self.scaler.unscale_(self.optimizer)
         if self.accelerator is not None:
             grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, self.max_grad_norm)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.max_grad_norm)
+            # foreach: one fused norm over all LoRA tensors (the default does so only on CUDA)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.max_grad_norm, foreach=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -133,7 +148,8 @@ class TrainingStep:
 
 
 def make_optimizer(lora_params, cfg, device: torch.device):
-    """AdamW over the LoRA parameters: fused kernels on CUDA; 8-bit (bitsandbytes) when asked and installed."""
+    """AdamW over the LoRA parameters: fused kernels on CUDA and CPU; 8-bit (bitsandbytes) when asked and
+    installed."""
     kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
                   eps=cfg.adam_epsilon)
     if getattr(cfg, "use_8bit_adam", False):
@@ -142,4 +158,5 @@ def make_optimizer(lora_params, cfg, device: torch.device):
         except ImportError:
             raise ValueError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
         return bnb.optim.AdamW8bit(lora_params, **kwargs)
-    return torch.optim.AdamW(lora_params, fused=device.type == "cuda", **kwargs)
+    # fused kernels exist for CUDA and CPU; elsewhere (mps, xpu builds without them) the foreach implementation
+    return torch.optim.AdamW(lora_params, fused=device.type in ("cuda", "cpu"), **kwargs)
