@@ -57,7 +57,13 @@ def distributed_accelerator():
     from accelerate import Accelerator
 
     # precision is the loop's own autocast (train.mixed_precision), not accelerate's
-    return Accelerator(mixed_precision="no")
+    accelerator = Accelerator(mixed_precision="no")
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        # DeepSpeed's engine owns backward, accumulation and clipping, which this loop does itself; for a LoRA
+        # ZeRO-2 would shard only the small adapter's optimizer state, and FSDP2 shards the large frozen base.
+        raise ValueError("runtime.accelerate_config: DeepSpeed is not supported by the train loop; use "
+                         "infra/accelerate/multi-gpu.yaml (DDP) or infra/accelerate/fsdp2.yaml (sharded base)")
+    return accelerator
 
 
 class _NotTracked:
