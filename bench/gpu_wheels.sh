@@ -12,5 +12,5 @@ download() {
     -d .whl "$@"
 }
 download diffusers==0.42.1 peft==0.21.2 optimum-quanto==0.2.7 torchao==0.18.0 importlib_metadata \
-  pydantic==2.12.5 pydantic-core==2.41.5 annotated-types typing-inspection
+  pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection
 ls -la .whl
