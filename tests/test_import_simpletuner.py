@@ -163,3 +163,27 @@ def test_imported_quickstart_prepares_its_dataset(project):
     assert summary["accepted"] == 2 and summary["skipped_by_reason"] == {"too_small": 1}  # 800^2 < 1024^2
     rows = [json.loads(line) for line in (project / "outputs/prepare/images.jsonl").read_text().splitlines()]
     assert all(row["bucket"] == [1024, 1024] and row["repeats"] == 10 for row in rows)
+
+
+def test_engine_options_of_the_guide_map_to_working_keys(project, tmp_path):
+    """The guide's memory flags (group offload of transformer, text encoder and VAE; startup offload) and epochs
+    land on the keys the trainer uses; with both lengths set the seed's max_train_steps decides, as there."""
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "config.json").write_text(json.dumps({
+        "enable_group_offload": True, "group_offload_type": "block_level", "group_offload_blocks_per_group": 1,
+        "group_offload_use_stream": True, "group_offload_text_encoder": True, "group_offload_vae": True,
+        "offload_during_startup": True, "base_model_precision": "fp8-torchao", "num_train_epochs": 5}))
+    import_simpletuner(seed, project / "params.yaml")
+    params = load_params(project / "params.yaml")
+    train = params.train
+    assert (train.enable_group_offload, train.group_offload_type, train.group_offload_blocks_per_group,
+            train.group_offload_use_stream, train.offload_during_startup) == (True, "block_level", 1, True, True)
+    assert params.encode_text.group_offload_text_encoder and params.encode_latents.group_offload_vae
+    assert (train.base_model_precision, train.num_train_epochs, train.max_train_steps) == ("fp8-torchao", 5, 0)
+
+    (seed / "config.json").write_text(json.dumps({"num_train_epochs": 5, "max_train_steps": 300}))
+    report = import_simpletuner(seed, project / "params.yaml")
+    params = load_params(project / "params.yaml")
+    assert (params.train.max_train_steps, params.train.num_train_epochs) == (300, None)
+    assert any(r["source"].endswith("num_train_epochs") for r in report.without_effect)

@@ -58,8 +58,6 @@ ACCEPTED_WITHOUT_EFFECT: dict[str, tuple[tuple, str]] = {
 # Seed keys flux2lora does not support, with why (used when no section has a field of that name).
 NOT_SUPPORTED: dict[str, str] = {
     "output_dir": "flux2lora writes under the project's output_dir, where DVC tracks the stages' outputs",
-    "tread_config": "TREAD token routing is not available in this version",
-    "num_train_epochs": "training length is max_train_steps",
     "optimizer": "flux2lora trains with torch AdamW (adam_* keys)",
 }
 
@@ -167,6 +165,14 @@ def _check_value(target: str, value: Any) -> str | None:
 def map_config(config: dict[str, Any], source: str, report: ImportReport) -> dict[str, dict[str, Any]]:
     """Seed trainer options -> {section: {key: value}}; every key is reported."""
     updates: dict[str, dict[str, Any]] = {}
+    config = dict(config)
+    epochs, steps = config.get("num_train_epochs"), config.get("max_train_steps")
+    if epochs and steps:  # the seed trains for max_train_steps when both are set
+        config.pop("num_train_epochs")
+        report.without_effect.append({"source": f"{source} num_train_epochs", "value": epochs,
+                                      "reason": "max_train_steps is set and decides the length, as in the seed"})
+    elif epochs:
+        config["max_train_steps"] = 0  # flux2lora's marker for "train by epochs"
     for key, value in config.items():
         where = f"{source} {key}"
         if key in ("data_backend_config", "user_prompt_library", "validation_prompt"):
