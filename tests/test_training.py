@@ -168,3 +168,21 @@ def test_gradient_accumulation_of_two_half_batches_equals_one_full_batch_step():
     halves = lora_after_one_step([MicroBatch(x0[i:i + 1], embeds[i:i + 1], noise[i:i + 1], sigmas[i:i + 1])
                                   for i in range(2)])
     assert max((a - b).abs().max().item() for a, b in zip(whole, halves)) <= 1e-6
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian"])
+def test_lora_init_types_start_as_a_no_op_with_their_own_a(init):
+    """lora_init_type: B = 0 (the adapter changes nothing before training), A Kaiming-uniform or N(0, 1/r)."""
+    from flux2lora.train.lora import add_lora
+
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(**get_flavour("tiny-klein-4b").full_transformer_config)
+    model.requires_grad_(False)
+    add_lora(model, 4, None, 0.0, target_modules(model, "all"), init)
+    a = model.transformer_blocks[0].attn.to_q.lora_A["default"].weight
+    b = model.transformer_blocks[0].attn.to_q.lora_B["default"].weight
+    assert torch.count_nonzero(b) == 0
+    if init == "gaussian":
+        assert abs(a.std().item() - 1 / 4) < 0.05
+    else:  # Kaiming-uniform with a = sqrt(5): bound 1/sqrt(fan_in)
+        assert a.abs().max().item() <= 1 / a.shape[1] ** 0.5 + 1e-6 and abs(a.std().item() - 0.25) > 0.05

@@ -105,6 +105,8 @@ class TrainParams(Section):
     lora_rank: int = Field(16, ge=1)
     lora_alpha: float | None = None  # None: equal to lora_rank (scale 1.0)
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # LoRA A's initialisation (B starts at 0 either way): default = Kaiming-uniform (peft), gaussian = N(0, 1/rank)
+    lora_init_type: Literal["default", "gaussian"] = "gaussian"
     flux_lora_target: Literal["all", "attention", "mlp", "tiny"] = "all"
     learning_rate: float = Field(1e-4, gt=0)
     adam_beta1: float = 0.9

@@ -177,7 +177,7 @@ def train(params: Params, root: Path) -> dict:
                                             group_offload=group_offload,
                                             offload_during_startup=cfg.offload_during_startup)
     targets = target_modules(transformer, cfg.flux_lora_target)
-    lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets)
+    lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets, cfg.lora_init_type)
     if group_offload is not None:
         for p in lora_params:  # the offload hooks move only the frozen weights; the adapter lives on the device
             p.data = p.data.to(device)

@@ -42,12 +42,20 @@ def target_modules(transformer, preset: str = "all") -> list[str]:
             + [f"single_transformer_blocks.{i}.{m}" for i in range(n_single) for m in single])
 
 
-def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str]):
+# lora_init_type -> peft's init_lora_weights. Both start with B = 0 (the adapter adds nothing at step 0) and leave
+# the base weights untouched, so the saved file is the whole adapter; A is Kaiming-uniform ("default", peft's and
+# the seed trainer's default) or normal with std 1/rank ("gaussian", the diffusers training examples').
+LORA_INITS = {"default": True, "gaussian": "gaussian"}
+
+
+def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str], init: str = "gaussian"):
     """Attach a peft LoRA adapter ("default") and return its trainable parameters (kept in fp32)."""
     from peft import LoraConfig
 
+    if init not in LORA_INITS:
+        raise ValueError(f"train.lora_init_type: {init!r} is not one of {', '.join(LORA_INITS)}")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights="gaussian", target_modules=targets)
+                        init_lora_weights=LORA_INITS[init], target_modules=targets)
     with warnings.catch_warnings():
         # fp8-torchao bases: peft warns that merge() would need torchao's requantization recipe; training never
         # merges (the LoRA is saved separately)
