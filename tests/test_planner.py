@@ -60,3 +60,24 @@ def test_plan_command_reads_params_and_proposes(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["configured"]["flavour"] == "klein-4b" and out["proposed"]["peak_gib"] <= 24
+
+
+def test_compile_prediction_matches_its_anchor():
+    """Regional compile without checkpointing: measured 0.169 s (recipe 0.372 s) and 19.6 GiB."""
+    predicted = predict(Plan("klein-4b", 1024, 1, gradient_checkpointing=False, compile=True, lora_target="recipe"))
+    assert abs(predicted.peak_gib - 19.6) / 19.6 < 0.05
+    assert abs(predicted.relative_step_time - 0.169 / 0.372) < 0.02
+
+
+def test_partial_checkpointing_lies_between_none_and_all_and_is_proposed_as_params():
+    from flux2lora.planner import as_params
+
+    full = predict(Plan("klein-4b", 1024, 1))
+    none = predict(Plan("klein-4b", 1024, 1, gradient_checkpointing=False))
+    half = predict(Plan("klein-4b", 1024, 1, checkpointed_share=0.48))  # 12 of 25 blocks
+    assert full.peak_gib < half.peak_gib < none.peak_gib
+    assert none.relative_step_time < half.relative_step_time < full.relative_step_time
+    best = fastest_fitting(Plan("klein-4b", 1024, 1), 14)
+    assert best.peak_gib <= 14 and 0 < best.plan.checkpointed_share < 1  # fewer blocks than all fit 14 GiB
+    proposed = as_params(best)
+    assert proposed["train.gradient_checkpointing"] and 0 < proposed["train.gradient_checkpointing_blocks"] < 25
