@@ -9,9 +9,16 @@ mlflow.db), in one process after a warm-up of each, alternating, torch on one th
 
     direct   the six stage functions in order, MLflow replaced by a no-op stand-in
     mlflow   the six stage functions with MLflow tracking (sqlite store, system metrics), what `dvc repro` runs
-    flow     the Prefect flow: a task per stage with DVC status and commit, the GPU concurrency slot, marking the
-             MLflow run current, the report artifact, logs sent to a Prefect server on loopback (started once,
-             before timing), MLflow included
+    flow     the Prefect flow: a task per stage with DVC status and commit (dvc.yaml and dvc.lock loaded once per
+             run), the GPU concurrency slot (taken once per run), marking the MLflow run current, the report
+             artifact, logs sent to a Prefect server (sqlite) on loopback (started once, before timing), MLflow
+             included
+
+One-time setup is outside the timing, as a long-lived deployment pays it once, not per run: imports and first
+compiles (the warm-up), the Prefect server's start, the MLflow store's tables (created in the template, which every
+copy inherits). What each run pays stays inside: opening the MLflow store, DVC's first look at the fresh copy, git
+status. Not measured: the process a deployment's worker starts for each flow run (Python start and imports, seconds),
+which `direct` has no equivalent of.
 
 The registry (publish.registered_model_name) is off in all three: it is the same MLflow cost in `mlflow` and `flow`
 and has no stand-in. Prints one JSON line per measurement, then the medians and the overheads as a share of

@@ -18,9 +18,9 @@ from prefect.states import Completed
 from pydantic import Field
 
 from flux2lora.config import PARAMS_FILE, read_raw_params
-from flux2lora.stages import STAGES
+from flux2lora.stages import STAGES, DvcPipeline
 from tasks.freshness import check_training_current, mark_run_current
-from tasks.gpu import ensure_gpu_limit
+from tasks.gpu import GPU_STAGES, GpuReservation, ensure_gpu_limit
 from tasks.params import apply_run_parameters
 from tasks.report import publish_run_report
 from tasks.secrets import credentials_from_secret_blocks
@@ -48,6 +48,27 @@ def _report(project: str, results: dict, params_diff: str, freshness: dict | Non
         publish_run_report(project, results, params_diff, freshness)
     except Exception:
         logger.warning("could not create the run report artifact", exc_info=True)
+
+
+def _run_stages(root: Path, logger) -> dict[str, dict]:
+    """Each stage as a task, in order; returns pipeline_stage's answer per stage.
+
+    The tasks share one DvcPipeline (dvc.yaml and dvc.lock loaded once, as `dvc repro` does) and one GPU reservation:
+    taken before the first stage when DVC says a GPU stage must run, else by the first GPU stage found to need it
+    once the stages before it ran, and given back after the last GPU stage."""
+    results = {}
+    last_gpu_stage = [name for name in STAGES if name in GPU_STAGES][-1]
+    with DvcPipeline(root) as dvc, GpuReservation(logger) as gpu:
+        stale = [name for name in STAGES if name in GPU_STAGES and not dvc.is_current(name)]
+        if stale:
+            gpu.take(stale[0])
+        for name in STAGES:
+            if name in GPU_STAGES and not gpu.held and not dvc.is_current(name):
+                gpu.take(name)
+            results[name] = pipeline_stage(name, str(root), dvc, gpu)
+            if name == last_gpu_stage:
+                gpu.release()
+    return results
 
 
 def run_parameters(raw: dict, flavour: str | None, dataset: str | None, steps: int | None,
@@ -117,9 +138,7 @@ def flux2_lora(
                 return Completed(message=message, data={"up_to_date": True, **freshness})
 
         ensure_gpu_limit(logger)
-        results = {}
-        for name in STAGES:
-            results[name] = pipeline_stage(name, project)
+        results = _run_stages(root, logger)
         mark_run_current(project, logger)
         ran = [n for n, r in results.items() if r["ran"]]
         logger.info("pipeline finished: ran %s", ", ".join(ran) if ran else "nothing (everything up to date)")

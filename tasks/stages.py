@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from prefect import task
@@ -18,9 +19,9 @@ from prefect.logging import get_run_logger
 from flux2lora import faults
 from flux2lora.config import PARAMS_FILE, load_params
 from flux2lora.layout import layout_for
-from flux2lora.stages import record_stage, run_stage, stage_is_current
+from flux2lora.stages import DvcPipeline, run_stage
 
-from .gpu import gpu_slot
+from .gpu import GpuReservation, gpu_slot
 from .launch import launch_train
 from .progress import progress_to_log
 from .retries import RETRY
@@ -41,15 +42,25 @@ def _forward_library_logs(run_logger) -> logging.Handler:
 
 
 @task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE, **RETRY)
-def pipeline_stage(name: str, project_dir: str) -> dict:
+def pipeline_stage(name: str, project_dir: str, dvc: DvcPipeline | None = None,
+                   gpu: GpuReservation | None = None) -> dict:
     """Run stage `name` unless dvc.lock says it is current; record it in dvc.lock afterwards.
 
+    The flow passes what its stages share: `dvc`, its DvcPipeline (dvc.yaml and dvc.lock loaded once), and `gpu`,
+    its GPU reservation. Without them the task opens its own DvcPipeline and holds the GPU slot while it runs.
     A retry of a failed train continues from its latest checkpoint (the train loop resumes by itself).
     FLUX2LORA_FAULT=NAME:start / NAME:end fails this stage once before / after it runs (flux2lora.faults).
     """
-    logger = get_run_logger()
     root = Path(project_dir).resolve()
-    if stage_is_current(name, root):
+    if dvc is not None:
+        return _run_unless_current(name, root, dvc, gpu)
+    with DvcPipeline(root) as own:
+        return _run_unless_current(name, root, own, gpu)
+
+
+def _run_unless_current(name: str, root: Path, dvc: DvcPipeline, gpu: GpuReservation | None) -> dict:
+    logger = get_run_logger()
+    if dvc.is_current(name):
         logger.info("%s: up to date according to dvc.lock, nothing to do", name)
         return {"stage": name, "ran": False}
     params = load_params(root / PARAMS_FILE)
@@ -57,7 +68,7 @@ def pipeline_stage(name: str, project_dir: str) -> dict:
     handler = _forward_library_logs(logger)
     started = time.perf_counter()
     try:
-        with gpu_slot(name, logger), progress_to_log(logger):
+        with nullcontext() if gpu is not None and gpu.held else gpu_slot(name, logger), progress_to_log(logger):
             logger.info("%s: running", name)
             faults.maybe_fail(name, "start", output_dir)
             if name == "train" and params.runtime.num_processes > 1:
@@ -68,6 +79,6 @@ def pipeline_stage(name: str, project_dir: str) -> dict:
     finally:
         logging.getLogger("flux2lora").removeHandler(handler)
     seconds = time.perf_counter() - started
-    record_stage(name, root)
+    dvc.record(name)
     logger.info("%s: done, recorded in dvc.lock (%.1f s)", name, seconds)
     return {"stage": name, "ran": True, "seconds": seconds, "summary": summary}

@@ -176,6 +176,47 @@ def test_gpu_stages_wait_for_the_gpu_slot(prefect_api, tmp_path, monkeypatch):
     assert latents_index.exists()
 
 
+def test_flow_run_takes_the_gpu_slot_once_before_its_first_stage(prefect_api, tmp_path, monkeypatch):
+    """A flow run whose GPU stages must run waits for the GPU slot before its first stage, then keeps it for all of
+    its GPU stages: one acquisition per run, none by the stage tasks."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+
+    import tasks.gpu
+    import tasks.stages
+    from flows.train import flux2_lora
+
+    limit = f"test-gpu-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv(tasks.gpu.LIMIT_ENV, limit)
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    acquired: list[str] = []
+    real_slot = tasks.gpu.gpu_slot
+
+    def counted_slot(stage, logger):
+        if stage in tasks.gpu.GPU_STAGES:
+            acquired.append(stage)
+        return real_slot(stage, logger)
+
+    monkeypatch.setattr(tasks.gpu, "gpu_slot", counted_slot)
+    monkeypatch.setattr(tasks.stages, "gpu_slot", counted_slot)
+    project = make_project(tmp_path / "project", **{"train.max_train_steps": 4,
+                                                   "publish.registered_model_name": None})
+    images = layout_for(project, "outputs").images_manifest
+
+    states: list = []
+    run = threading.Thread(target=contextvars.copy_context().run,
+                           args=(lambda: states.append(flux2_lora(project_dir=str(project), return_state=True)),))
+    with concurrency(limit, occupy=1):  # another training has the GPU
+        run.start()
+        run.join(timeout=4)
+        assert run.is_alive() and not images.exists(), "the run started its stages while the GPU was taken"
+    run.join(timeout=300)
+    assert not run.is_alive() and states and states[0].is_completed(), states
+    assert acquired == ["encode-text"]
+
+
 def test_train_on_several_gpus_goes_through_accelerate_launch(prefect_api, tmp_path, monkeypatch):
     """runtime.num_processes > 1: the task starts the stage with accelerate launch (here replaced by an in-process
     run of the stage, this machine having no GPUs) instead of calling it."""

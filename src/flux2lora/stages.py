@@ -1,8 +1,8 @@
 """The six stages by name, in pipeline order, and the DVC bookkeeping that both entry points share.
 
 `dvc repro` runs `flux2lora stage NAME` for each stage that is out of date. The Prefect flow asks DVC the same
-question (`stage_is_current`), calls the same stage function, then records the result in dvc.lock
-(`record_stage`), so dvc.lock stays the single truth of what is up to date whichever entry point ran.
+question (`DvcPipeline.is_current`), calls the same stage function, then records the result in dvc.lock
+(`DvcPipeline.record`), so dvc.lock stays the single truth of what is up to date whichever entry point ran.
 """
 
 from __future__ import annotations
@@ -71,18 +71,60 @@ def run_stage(name: str, params_path: str | Path = PARAMS_FILE) -> dict:
     return STAGES[name](params, params_path.parent)
 
 
-def stage_is_current(name: str, root: Path) -> bool:
-    """True when dvc.lock says `name` is up to date with its deps, params and outs."""
-    from dvc.repo import Repo
+class DvcPipeline:
+    """The project's dvc.yaml stages, loaded once and kept for a whole pipeline run, as `dvc repro` keeps them.
 
-    with Repo(str(root)) as repo:
-        # qualified by the project's dvc.yaml: a bare name would be resolved against the working directory
-        return not repo.status(targets=[f"{root / 'dvc.yaml'}:{name}"])
+    Asking whether a stage is current, then recording it in dvc.lock, costs DVC's hashing and one dvc.lock write;
+    opening the repo and loading dvc.yaml (templated from params.yaml) and dvc.lock for every question would add
+    ~0.1 s of YAML parsing each time. The stages are loaded at the first question, so params.yaml changes written
+    before it (a flow run's parameters) are seen. DVC's repo lock is held during each question and record only, as
+    `dvc status` and `dvc commit` hold it, not while a stage runs. Run from the project folder (DVC resolves the run
+    cache's paths against the working directory). Close it (or use it as a context manager) to release the repo.
+    """
 
+    def __init__(self, root: Path):
+        from dvc.repo import Repo
 
-def record_stage(name: str, root: Path) -> None:
-    """Write the stage's current deps, params and outs into dvc.lock (and the DVC cache), as `dvc repro` would."""
-    from dvc.repo import Repo
+        self.root = Path(root).resolve()
+        self._repo = Repo(str(self.root))
+        self._stages: dict | None = None
 
-    with Repo(str(root)) as repo:
-        repo.commit(f"{root / 'dvc.yaml'}:{name}", force=True)
+    def __enter__(self) -> "DvcPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._repo.close()
+
+    def _stage(self, name: str):
+        if self._stages is None:
+            from dvc.repo import lock_repo
+
+            with lock_repo(self._repo):
+                # by path: a bare stage name would be resolved against the working directory
+                self._stages = {s.name: s for s in self._repo.stage.collect(str(self.root / "dvc.yaml"))}
+        if name not in self._stages:
+            raise ValueError(f"{self.root / 'dvc.yaml'} has no stage {name!r}")
+        return self._stages[name]
+
+    def is_current(self, name: str) -> bool:
+        """True when dvc.lock says `name` is up to date with its deps, params and outs (`dvc status NAME`)."""
+        from dvc.repo import lock_repo
+
+        stage = self._stage(name)
+        with lock_repo(self._repo):
+            return not stage.status(check_updates=True)
+
+    def record(self, name: str) -> None:
+        """Write the stage's current deps, params and outs into dvc.lock, its outs into the DVC cache and the run
+        into DVC's run cache, as `dvc commit --force NAME` (and `dvc repro` after running it) would."""
+        from dvc.repo import lock_repo
+
+        stage = self._stage(name)
+        with lock_repo(self._repo):
+            stage.save()
+            stage.commit(relink=True)
+            stage.dvcfile.dump_stages([stage], update_pipeline=False)
+

@@ -222,13 +222,14 @@ def train(params: Params, root: Path) -> dict:
         log.info("resuming from checkpoint %s (step %d of %d)", resumed.path.name, start_step, max_steps)
 
     mlflow = tracking.configure(params, root) if main_process else _NotTracked()
+    dataset_hash = tracking.dataset_dvc_hash(root, params.prepare.data_root)
     model_info = describe_model(params.model)
     with mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name,
                           log_system_metrics=params.runtime.log_system_metrics()) as run:
         if run_id is None:
             tracking.log_params_flat(mlflow, params)
             mlflow.set_tags({"git_commit": tracking.git_commit(root),
-                             "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.data_root),
+                             "dataset_dvc_hash": dataset_hash,
                              "flavour": params.model.model_flavour, "base_model": params.model.model_path,
                              "lora_targets": cfg.flux_lora_target, "num_lora_modules": len(targets)})
             log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
@@ -316,7 +317,7 @@ def train(params: Params, root: Path) -> dict:
         metadata = {**model_info, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha or cfg.lora_rank,
                     "targets": cfg.flux_lora_target, "steps": max_steps, "processes": processes,
                     "trigger_phrase": params.publish.trigger_phrase,
-                    "dataset_dvc_hash": tracking.dataset_dvc_hash(root, params.prepare.data_root),
+                    "dataset_dvc_hash": dataset_hash,
                     "mlflow_run_id": run.info.run_id}
         lora_file = save_diffusers_lora(transformer, pipeline_class(params.model), layout.lora_dir, metadata)
         mlflow.log_artifact(str(lora_file), artifact_path="lora")
