@@ -60,6 +60,11 @@ def test_plan_command_reads_params_and_proposes(tmp_path):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     assert out["configured"]["flavour"] == "klein-4b" and out["proposed"]["peak_gib"] <= 24
+    # the proposal as params.yaml keys, which the trainer accepts as they are
+    from flux2lora.config import apply_overrides, parse_params, read_raw_params
+
+    proposed = parse_params(apply_overrides(read_raw_params(REPO / "params.yaml"), out["proposed_params"]))
+    assert proposed.train.base_model_precision in ("no_change", "fp8-torchao", "int8-quanto", "int4-quanto")
 
 
 def test_compile_prediction_matches_its_anchor():
