@@ -229,3 +229,38 @@ def test_training_by_epochs(tmp_path):
         parse_params({"train": {"max_train_steps": 10, "num_train_epochs": 2}})
     with pytest.raises(ParamsError, match="set num_train_epochs"):
         parse_params({"train": {"max_train_steps": 0}})
+
+
+@pytest.mark.parametrize("options,staged_on", [
+    ({}, "meta"),  # quantize_via accelerator: straight to the device
+    ({"offload_during_startup": True}, "cpu"),
+    ({"quantize_via": "cpu", "base_model_precision": "int8-quanto"}, "cpu"),
+    ({"group_offload": {"blocks_per_group": 1}}, "cpu")])
+def test_startup_offload_loads_and_quantizes_on_the_cpu_first(tiny, monkeypatch, options, staged_on):
+    """Where the weights are first loaded: the target device (here `meta`, standing in for a GPU: it holds no
+    data), or the CPU when offload_during_startup, quantize_via=cpu or group offload ask for it."""
+    from flux2lora import models
+
+    staged = []
+    real = models.load_transformer
+    monkeypatch.setattr(models, "load_transformer", lambda model, device: staged.append(device.type) or
+                        real(model, device))
+    options = dict(options)
+    precision = options.pop("base_model_precision", None)
+    if "group_offload" in options:
+        transformer = models.load_training_transformer(tiny, torch.device("cpu"), precision, **options)
+    else:
+        transformer = models.load_training_transformer(tiny, torch.device("meta"), precision, **options)
+        assert next(transformer.parameters()).device.type == "meta"  # and it ends on the device
+    assert staged == [staged_on]
+
+
+def test_fp8_on_a_gpu_without_float8_support_is_a_clear_error(tiny, monkeypatch):
+    """CUDA cannot run here: the capability query is stood in for, to check the message an A100 user gets."""
+    from flux2lora import models
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    transformer = models.load_transformer(tiny, torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp8-torchao needs a GPU with compute capability 8.9.*A100.*8.0.*int8-quanto"):
+        models._quantize_fp8(transformer, torch.device("cuda"))
