@@ -116,3 +116,19 @@ def test_fsdp2_config_is_a_valid_accelerate_config_sharding_the_transformer_bloc
 
     assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",") == \
         Flux2Transformer2DModel._no_split_modules
+
+
+def test_dvc_repro_launches_the_configured_processes_too(tmp_path):
+    """`dvc repro` runs `flux2lora stage train`, which starts `accelerate launch` itself when
+    runtime.num_processes > 1: the setting never silently trains on one process."""
+    import json
+
+    from helpers import run
+
+    project = make_project(tmp_path / "project", git=True, images=4,
+                           **{"train.max_train_steps": 2, "train.train_batch_size": 1, "runtime.num_processes": 2})
+    shutil.copytree(REPO / "infra", project / "infra")
+    result = run(["dvc", "repro", "train"], cwd=project, ACCELERATE_USE_CPU="true")
+    assert "training on 2 processes" in result.stdout + result.stderr
+    metrics = json.loads((project / "outputs/train/metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 2

@@ -34,10 +34,30 @@ def stage(name: str = typer.Argument(..., help="prepare | encode-text | encode-l
 
     _setup_logging()
     try:
-        summary = run_stage(name, params)
+        summary = _launch_if_distributed(name, params) or run_stage(name, params)
     except (ParamsError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _launch_if_distributed(name: str, params_path: Path) -> dict | None:
+    """train with runtime.num_processes > 1, not yet inside a launch: `accelerate launch` of this same command on
+    that many processes (their output goes to this console); None otherwise."""
+    import os
+
+    if name != "train" or os.environ.get("WORLD_SIZE"):
+        return None
+    from .config import load_params
+    from .launch import LaunchFailed, launch_train
+
+    params = load_params(params_path)
+    if params.runtime.num_processes <= 1:
+        return None
+    try:
+        return launch_train(params_path.resolve().parent, params, logging.getLogger("flux2lora.launch"),
+                            params_file=params_path.name)
+    except LaunchFailed as e:
+        _fail(str(e))
 
 
 @app.command("make-tiny-model")
