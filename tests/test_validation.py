@@ -179,3 +179,38 @@ def test_validation_step_interval_defaults_to_the_validate_stage_only(tmp_path):
     params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     assert params.validate_.validation_step_interval in (None, 0)
     assert TrainingValidator.for_training(params, tmp_path, transformer=None, device=torch.device("cpu")) is None
+
+
+def test_group_offloaded_validation_renders_the_same_images(project, tmp_path):
+    """validate.enable_group_offload: transformer and VAE stay in CPU memory behind diffusers' hooks (the LoRA is
+    loaded before the hooks); the images are identical to the plain pipeline's."""
+    copy = tmp_path / "offloaded"
+    shutil.copytree(project, copy, symlinks=True)
+    set_params(copy, **{"validate.enable_group_offload": True})
+    run_stage("validate", copy / "params.yaml")
+    names = sorted(p.name for p in (project / "outputs/validation").glob("*.png") if p.name != "grid.png")
+    assert names and names == sorted(p.name for p in (copy / "outputs/validation").glob("*.png")
+                                     if p.name != "grid.png")
+    for name in names:
+        a = np.asarray(Image.open(project / "outputs/validation" / name), dtype=np.int16)
+        b = np.asarray(Image.open(copy / "outputs/validation" / name), dtype=np.int16)
+        assert np.array_equal(a, b), name
+
+
+def test_the_lora_file_renders_deterministically_although_trained_with_dropout(project):
+    """The fixture trains with lora_dropout 0.1. The file's adapter metadata says 0 (peft would otherwise rebuild
+    the dropout, in train mode, for everyone loading it), and a plain diffusers load renders the same image twice."""
+    from flux2lora.train.lora import read_lora_metadata
+
+    lora_file = project / "outputs/lora/pytorch_lora_weights.safetensors"
+    assert json.loads(read_lora_metadata(lora_file)["lora_adapter_metadata"])["transformer.lora_dropout"] == 0.0
+    from diffusers import Flux2KleinPipeline
+
+    params = load_params(project / "params.yaml")
+    pipe = Flux2KleinPipeline.from_pretrained(params.model.model_path, dtype=torch.float32)
+    pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe.set_progress_bar_config(disable=True)
+    images = [np.asarray(pipe(prompt="a red cube", height=32, width=32, num_inference_steps=2,
+                              text_encoder_out_layers=tuple(params.model.flavour.stacked_layers),
+                              generator=torch.Generator().manual_seed(0)).images[0]) for _ in range(2)]
+    assert np.array_equal(*images)

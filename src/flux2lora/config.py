@@ -192,6 +192,8 @@ class ValidateParams(Section):
     validation_guidance: float = 4.0  # dev: distilled guidance; klein base: true CFG scale
     validation_seed: int = 42  # the same seed for every prompt, step and run: images are comparable
     validation_lora_scale: float = 1.0
+    # Group offload of the validation pipeline (transformer and VAE): for bases that fit the GPU only offloaded
+    enable_group_offload: bool = False
     # Validate during training every N steps (grid logged to MLflow at that step). null or 0: only the validate
     # stage, which renders the final LoRA after training; the loop never renders the last step itself.
     validation_step_interval: int | None = Field(None, ge=0)

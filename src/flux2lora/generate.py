@@ -82,5 +82,6 @@ def generate(prompt: str, lora: Path | None = None, *, scale: float = 1.0, seed:
         lora = Path(lora)
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")
         pipe.set_adapters(["lora"], adapter_weights=[scale])
+        pipe.transformer.eval()  # peft adds the adapter's layers (and their dropout) in train mode
     with torch.inference_mode():
         return pipe(prompt=prompt, **kwargs).images[0]

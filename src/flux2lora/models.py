@@ -64,11 +64,14 @@ def load_transformer(model: ModelParams, device: torch.device):
     return Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer", **_common(model)).to(device)
 
 
-def load_generation_pipeline(model: ModelParams, device: torch.device, with_text_encoder: bool = False):
-    """The full pipeline for image generation; without the text encoder unless asked (validation uses cached prompts)."""
+def load_generation_pipeline(model: ModelParams, device: torch.device, with_text_encoder: bool = False,
+                             move: bool = True):
+    """The full pipeline for image generation; without the text encoder unless asked (validation uses cached prompts).
+    move=False leaves it in CPU memory (for offloading)."""
     extra = {} if with_text_encoder else dict(text_encoder=None, tokenizer=None)
     pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
-    pipe.to(device)
+    if move:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -93,8 +93,11 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
+    # Dropout is a training setting: saved, peft would rebuild it on load, in train mode (diffusers does not switch
+    # the new layers to eval), and every image made with the file would be random. The file says 0.
+    adapter_config = {**transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
     pipeline_cls.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(transformer),
-                                   transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
+                                   transformer_lora_adapter_metadata=adapter_config)
     path = folder / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})

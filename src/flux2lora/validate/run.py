@@ -14,6 +14,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 from .. import tracking
 from ..config import Params
 from ..io import write_json_atomic
@@ -33,11 +35,22 @@ def validate(params: Params, root: Path) -> dict:
     layout = layout_for(root, params.output_dir)
     run_id = tracking.read_run_id(layout.run_file)
     device = resolve_device(params.model.device)
-    pipe = load_generation_pipeline(params.model, device)
+    pipe = load_generation_pipeline(params.model, device, move=not cfg.enable_group_offload)
     prompts = load_cached_prompts(layout, device, pipe.transformer.dtype)
 
-    base_images = render_all(pipe, params, prompts)
+    # The LoRA is loaded first and switched off for the base images: group offload's hooks move only the weights
+    # that exist when they are installed.
     pipe.load_lora_weights(str(layout.lora_dir), weight_name=layout.lora_file.name, adapter_name="trained")
+    # peft creates the adapter's layers in train mode: with train.lora_dropout > 0 its dropout would stay active
+    # and make every validation image random
+    pipe.transformer.eval()
+    if cfg.enable_group_offload:
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1,
+                                  use_stream=device.type == "cuda")
+    pipe.disable_lora()
+    base_images = render_all(pipe, params, prompts)
+    pipe.enable_lora()
     lora_images = render_all(pipe, params, prompts, lora_scale=cfg.validation_lora_scale)
 
     step = json.loads(layout.train_metrics.read_text())["steps"]
