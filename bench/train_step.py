@@ -16,9 +16,7 @@ import argparse
 import gc
 import importlib.util
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -41,13 +39,9 @@ def load_anchor(path: Path):
     return module
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int, *, checkpointing=True,
-         preset="recipe", precision="bf16", tread=None, label="flux2lora", flavour=None, **train) -> dict:
+         preset="recipe", precision="bf16", tread=None, label="flux2lora", flavour=None, anchor=None,
+         **train) -> dict:
     """One row: our TrainingStep on `config`; `train` holds further TrainParams (compile_transformer,
     gradient_checkpointing_blocks, vram_budget_gib, enable_group_offload, ...) applied through the same
     build_training_model the train stage uses."""
@@ -118,15 +112,7 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
         batch = MicroBatch(x0, embeds, torch.randn(x0.shape, generator=g).to(device, x0.dtype), sigmas, guidance)
         step([batch], g)
 
-    for _ in range(2):
-        one()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        one()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    median_s, _, _ = anchor.timed(one, device, 2, steps)  # the recipe's own timing: same warm-up, same sync
     from flux2lora.planner import plan_from_params, predict
 
     plan = plan_from_params(params)
@@ -136,7 +122,7 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
         plan = replace(plan, lora_target="recipe")
     planned = predict(plan) if flavour else None
     rec = {"what": label, "res": res, "checkpointing": checkpointing, "preset": preset, "precision": precision,
-           "tread": bool(tread), "options": train, "step_s_median": statistics.median(times),
+           "tread": bool(tread), "options": train, "step_s_median": median_s,
            "planned_peak_gib": planned.peak_gib if planned else None,
            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
            "transformer_gib": parameter_bytes(model) / 2**30}
@@ -167,7 +153,7 @@ def main() -> None:
     recipe = anchor.lora_step_bench("klein-4b" if args.gpu else "cpu-small", res, True, device, steps=steps,
                                     text_len=text_len)
     flavour = "klein-4b" if args.gpu else None  # the planner predicts real-size peaks only
-    kw = dict(flavour=flavour)
+    kw = dict(flavour=flavour, anchor=anchor)
     rows = [ours(config, res, text_len, device, steps, **kw)]  # equal work with the recipe
     variants = [
         dict(label="speed mode: compile, no ckpt", checkpointing=False, compile_transformer=True),
