@@ -243,10 +243,13 @@ def train(params: Params, root: Path) -> dict:
             """Cached latents and embeddings of `batch`, with this step's noise, sigmas, guidance and dropout (all
             drawn from the checkpointed generator, in a fixed order). keep=False: another process's micro-batch,
             drawn only so that every process's generator stays in the same state."""
-            x0 = torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch])
             if not keep:
+                # only the draws' shapes are needed: a batch is one bucket (W, H), its latents (128, H/16, W/16)
+                width, height = batch[0].bucket
+                shape = (len(batch), 128, height // 16, width // 16) if width and height else \
+                    torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch]).shape
                 torch.rand(len(batch), generator=noise_generator)
-                torch.randn(x0.shape, generator=noise_generator)
+                torch.randn(shape, generator=noise_generator)
                 sample_sigmas(cfg, len(batch), noise_generator)
                 if params.model.flavour.guidance_embeds:
                     guidance_values(cfg, len(batch), noise_generator)
@@ -254,7 +257,7 @@ def train(params: Params, root: Path) -> dict:
                     pick_references([sample.reference_keys for sample in batch],
                                     cfg.conditioning_multidataset_sampling, noise_generator)
                 return None
-            x0 = x0.to(device, torch.float32)
+            x0 = torch.stack([latent_store.get(s.latent_key)["latents"] for s in batch]).to(device, torch.float32)
             use_empty = torch.rand(len(batch), generator=noise_generator) < cfg.caption_dropout_probability
             prompt_embeds = torch.stack([text_store.get(empty_key if drop else s.text_key)["prompt_embeds"]
                                          for s, drop in zip(batch, use_empty.tolist())]).to(device)
