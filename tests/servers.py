@@ -107,20 +107,9 @@ def _stop(proc: subprocess.Popen, first: int, grace: float) -> None:
     if proc.poll() is None:
         proc.wait(timeout=10)
     if children:
-        import psutil
+        from flux2lora.services import terminate_then_kill
 
-        alive = [p for p in children.values() if p.is_running()]
-        for p in alive:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(alive, timeout=min(grace, 10))
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        terminate_then_kill(list(children.values()), min(grace, 10))
 
 
 @contextmanager

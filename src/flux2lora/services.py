@@ -155,20 +155,28 @@ def _stop_process(service: Service, grace: float) -> bool:
         _, alive = psutil.wait_procs([proc], timeout=grace)
         if not alive:
             break
-    for p in family:  # flow runs and server workers outside the group, and anything that ignored the signals
+    # flow runs and server workers outside the group, and anything that ignored the signals
+    terminate_then_kill(family, min(grace, 10))
+    return True
+
+
+def terminate_then_kill(processes: list, grace: float) -> None:
+    """SIGTERM every psutil process still running, SIGKILL those alive after `grace` seconds."""
+    import psutil
+
+    for p in processes:
         try:
             if p.is_running():
                 p.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(family, timeout=min(grace, 10))
+    _, alive = psutil.wait_procs(processes, timeout=grace)
     for p in alive:
         try:
             p.kill()
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
-    return True
 
 
 def _children(proc) -> list:
