@@ -20,7 +20,7 @@ def _permanent(exc: BaseException) -> bool:
     last checkpoint would diverge again), params that fail validation."""
     from pydantic import ValidationError
 
-    from flux2lora.train.loop import TrainingDiverged
+    from flux2lora.train.step import TrainingDiverged
 
     return isinstance(exc, (ParamsError, TrainingDiverged, ValidationError))
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import flux2lora.train.loop as loop
+import flux2lora.train.recipe as loop
+from flux2lora.train.step import sample_sigmas
 from flux2lora.cache.latents import preprocess
 from flux2lora.config import ModelParams, TrainParams
 from flux2lora.latents import decode_latents, encode_pixels, reference_ids, target_ids, text_ids
@@ -60,13 +61,13 @@ def test_position_ids_text_target_and_references():
 
 def test_sigma_sampling_applies_the_shift():
     g = torch.Generator().manual_seed(0)
-    uniform = loop.sample_sigmas(TrainParams(weighting_scheme="uniform", timestep_shift=1.0), 4000, g)
-    shifted = loop.sample_sigmas(TrainParams(weighting_scheme="uniform", timestep_shift=3.0), 4000,
+    uniform = sample_sigmas(TrainParams(weighting_scheme="uniform", timestep_shift=1.0), 4000, g)
+    shifted = sample_sigmas(TrainParams(weighting_scheme="uniform", timestep_shift=3.0), 4000,
                                  torch.Generator().manual_seed(0))
     assert 0.45 < uniform.mean() < 0.55
     s = 3.0
     np.testing.assert_allclose(shifted, (s * uniform / (1 + (s - 1) * uniform)).clamp(1e-5, 1), rtol=1e-6)
-    logit = loop.sample_sigmas(TrainParams(weighting_scheme="logit_normal", timestep_shift=1.0), 4000,
+    logit = sample_sigmas(TrainParams(weighting_scheme="logit_normal", timestep_shift=1.0), 4000,
                                torch.Generator().manual_seed(0))
     assert logit.std() < uniform.std()  # logit-normal concentrates mass in the middle
 

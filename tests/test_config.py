@@ -25,7 +25,7 @@ def test_unknown_key_names_the_key_and_suggests_the_closest():
     with pytest.raises(ParamsError) as err:
         parse_params({"train": {"learning_rat": 1e-4}}, source="params.yaml")
     message = str(err.value)
-    assert "params.yaml" in message and "train.learning_rat" in message and "'learning_rate'" in message
+    assert "params.yaml" in message and "train.learning_rat" in message and "'train.learning_rate'" in message
 
 
 def test_unknown_section_is_an_error():

@@ -21,12 +21,13 @@ import yaml
 
 from flux2lora.cache.store import TensorStore
 from flux2lora.layout import Layout, layout_for
+from flux2lora.params_table import PIPELINE_STAGES
 from flux2lora.stages import STAGES
 from helpers import REPO, make_project, run, set_params
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = list(STAGES)  # pipeline order: prepare, encode-text, encode-latents, train, validate, publish
+ALL_STAGES = list(STAGES)  # pipeline order: params, prepare, encode-text, encode-latents, train, validate, publish
 EDITED_CAPTION = "data/demo/shape_003.txt"
 EDITED_IMAGE_ID = "shape_003.png"
 NEW_CAPTION = "sks style, a striped hexagon on a grey background\n"
@@ -184,7 +185,7 @@ def stages_except(*names: str) -> list[str]:
 
 def test_first_repro_runs_every_stage_in_pipeline_order(history):
     first = history.first_repro()
-    assert first.ran == ALL_STAGES, f"a fresh project should run all six stages in order; {first.describe()}"
+    assert first.ran == ALL_STAGES, f"a fresh project should run every stage in order; {first.describe()}"
 
 
 def test_second_repro_does_nothing(history):
@@ -204,10 +205,10 @@ def test_second_repro_does_nothing(history):
 
 def test_caption_edit_reruns_every_stage_except_encode_latents(history):
     repro = history.repro_after_caption_edit()
-    expected = stages_except("encode-latents")
+    expected = stages_except("params", "encode-latents")
     assert repro.ran == expected, (
         f"editing {EDITED_CAPTION} should re-run exactly {expected}; {repro.describe()}")
-    assert repro.skipped == ["encode-latents"], f"encode-latents should be skipped; {repro.describe()}"
+    assert repro.skipped == ["params", "encode-latents"], f"params.yaml and the images did not change; {repro.describe()}"
 
 
 def test_caption_edit_leaves_image_manifest_and_latents_untouched(history):
@@ -248,15 +249,16 @@ def test_caption_edit_encodes_only_the_changed_caption(history):
 
 def test_learning_rate_change_reruns_only_train_validate_publish(history):
     repro, new_lr = history.repro_after_learning_rate_change()
-    assert repro.ran == ["train", "validate", "publish"], (
-        f"changing train.learning_rate should re-run only train, validate and publish; {repro.describe()}")
+    assert repro.ran == ["params", "train", "validate", "publish"], (
+        f"changing train.learning_rate should re-run only train, validate and publish (after the params stage "
+        f"rewrote their params files); {repro.describe()}")
     assert repro.skipped == ["prepare", "encode-text", "encode-latents"], repro.describe()
     for stage in ("prepare", "encode-text", "encode-latents"):
         assert repro.lock_after[stage] == repro.lock_before[stage], f"dvc.lock's {stage} entry changed"
     assert repro.after["text_entries"] == repro.before["text_entries"], "text embeddings were touched"
     assert repro.after["latent_entries"] == repro.before["latent_entries"], "latents were touched"
-    locked = repro.lock_after["train"]["params"]["params.yaml"]["train"]["learning_rate"]
-    assert locked == pytest.approx(new_lr), f"dvc.lock should record the new learning rate {new_lr}, has {locked}"
+    recorded = json.loads((history.root / "outputs/params/train.json").read_text())["train.learning_rate"]
+    assert recorded == pytest.approx(new_lr), f"train's params file should hold the new learning rate {new_lr}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,12 +267,12 @@ def test_learning_rate_change_reruns_only_train_validate_publish(history):
 # Layout paths each stage writes: every one must be an out (or metric) of exactly one stage in dvc.yaml.
 DECLARED_LAYOUT_PATHS = {
     "images_manifest": "prepare", "captions_manifest": "prepare", "prepare_report": "prepare",
-    "text_embeds_dir": "encode-text", "latents_dir": "encode-latents",
+    "text_embeds_dir": "encode-text", "prompt_embeds_dir": "encode-text", "latents_dir": "encode-latents",
     "lora_dir": "train", "run_file": "train", "train_metrics": "train",
     "validation_dir": "validate", "publish_dir": "publish",
 }
 # Layout paths that are not outs themselves: a file inside an out, and the folder holding two train outs.
-DERIVED_LAYOUT_PATHS = {"lora_file", "train_dir"}
+DERIVED_LAYOUT_PATHS = {"lora_file", "train_dir", "params_dir"}
 # Bookkeeping DVC must not see (prepare's per-file records, cache verification stamps): neither out nor dep.
 # Working state that must not look like a stage output: prepare's file records, train's checkpoints (a clone that
 # pulled the outputs would otherwise retrain).
@@ -309,7 +311,7 @@ def pipeline(request, tmp_path):
     return root, params, list(stages), cmds, outs, deps
 
 
-def test_dvc_yaml_has_the_six_stages_in_pipeline_order(pipeline):
+def test_dvc_yaml_has_the_stages_in_pipeline_order(pipeline):
     _, _, names, cmds, _, _ = pipeline
     assert names == ALL_STAGES, f"dvc.yaml stages {names} should be {ALL_STAGES} in that order"
     assert cmds == {name: f"flux2lora stage {name}" for name in ALL_STAGES}
@@ -343,13 +345,15 @@ def test_every_dvc_out_is_a_layout_path_under_output_dir(pipeline):
     layout = layout_for(root, params["output_dir"])
     known = {p.resolve() for p in layout_paths(layout).values()}
     known |= {(layout.output_dir / n).resolve() for n in OUTS_WITHOUT_LAYOUT_PROPERTY}
+    known |= {layout.stage_params(stage).resolve() for stage in PIPELINE_STAGES}  # the params stage's files
     stray = sorted(f"{stage}: {p}" for stage, paths in outs.items() for p in paths if p.resolve() not in known)
     assert not stray, f"dvc.yaml declares outs that layout.py does not know (hard-coded, not under output_dir?): {stray}"
 
 
 def test_every_dep_is_an_earlier_stage_out_or_the_dataset_or_prompt_library(pipeline):
     root, params, _, _, outs, deps = pipeline
-    inputs = {(root / params["prepare"]["data_root"]).resolve(): "the datasets' root",
+    inputs = {(root / "params.yaml").resolve(): "params.yaml (the params stage's only input)",
+              (root / params["prepare"]["data_root"]).resolve(): "the datasets' root",
               (root / params["validate"]["user_prompt_library"]).resolve(): "the prompt library"}
     problems = []
     for i, stage in enumerate(ALL_STAGES):
@@ -360,7 +364,9 @@ def test_every_dep_is_an_earlier_stage_out_or_the_dataset_or_prompt_library(pipe
                 problems.append(f"{stage} depends on {dep.relative_to(root)} which is " +
                                 (f"an out of {later} (not an earlier stage)" if later else "produced by no stage"))
     assert not problems, "\n".join(problems)
-    assert {p.resolve() for p in deps["prepare"]} == {(root / params["prepare"]["data_root"]).resolve()}, (
+    assert {p.resolve() for p in deps["prepare"]} == {(root / params["prepare"]["data_root"]).resolve(),
+                                                      layout_for(root, params["output_dir"]).stage_params(
+                                                          "prepare").resolve()}, (
         "prepare should depend on the folder holding every dataset, prepare.data_root (and nothing else but params)")
     dataset = (root / params["prepare"]["instance_data_dir"]).resolve()
     assert (root / params["prepare"]["data_root"]).resolve() in dataset.parents, "the shipped dataset is in data_root"

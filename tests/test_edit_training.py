@@ -11,7 +11,7 @@ import torch
 from diffusers import Flux2KleinPipeline
 from PIL import Image, ImageOps
 
-import flux2lora.train.loop as loop
+import flux2lora.train.recipe as loop
 from flux2lora.config import load_params
 from flux2lora.stages import run_stage
 

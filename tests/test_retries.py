@@ -79,7 +79,7 @@ def test_permanent_errors_are_not_retried():
     from tasks.retries import retry_unless_permanent
 
     from flux2lora.config import ParamsError
-    from flux2lora.train.loop import TrainingDiverged
+    from flux2lora.train.step import TrainingDiverged
 
     assert retry_unless_permanent(None, None, Failed(data=faults.InjectedFault("boom")))
     assert retry_unless_permanent(None, None, Failed(data=OSError("disk hiccup")))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from flux2lora.flavours import get_flavour
 from flux2lora.stages import run_stage
 from flux2lora.train.lora import PRESETS, target_modules
-from flux2lora.train.loop import TrainingDiverged
+from flux2lora.train.step import TrainingDiverged
 
 DOUBLE_ALL = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
               "attn.add_v_proj", "attn.to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",

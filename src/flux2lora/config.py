@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .data.config import (DatasetConfig, DatasetOptions, apply_dataset_defaults, check_datasets,
                           text_embeds_write_batch_size)
@@ -35,6 +35,8 @@ class ModelParams(Section):
     # Precision the frozen models run in while caching, training and validating.
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # The folder relative model paths are read from (the project root); set by load_params, never stored.
+    _project_root: Path | None = PrivateAttr(None)
 
     @field_validator("model_flavour")
     @classmethod
@@ -47,8 +49,19 @@ class ModelParams(Section):
         return get_flavour(self.model_flavour)
 
     @property
-    def model_path(self) -> str:
+    def model_id(self) -> str:
+        """The base model as params.yaml names it (a hub id, or a folder relative to the project): what metadata,
+        tags and model cards record, so they do not change when the project moves."""
         return self.pretrained_model_name_or_path or self.flavour.default_repo
+
+    @property
+    def model_path(self) -> str:
+        """Where to load the base model from: `model_id`, with a relative local folder resolved against the project
+        root."""
+        path = self.model_id
+        if self._project_root is not None and not Path(path).is_absolute() and (self._project_root / path).is_dir():
+            return str(self._project_root / path)
+        return path
 
 
 class PrepareParams(DatasetOptions):
@@ -97,6 +110,20 @@ class EncodeLatentsParams(Section):
     write_batch_size: int = Field(64, ge=1)  # latents per cache shard (a killed run loses at most one shard's)
     cache_dtype: Literal["bf16", "fp32"] = "bf16"
     group_offload_vae: bool = False  # the VAE's layers copied to the accelerator as they run
+
+
+class TreadRoute(Section):
+    """One TREAD route: `selection_ratio` of the image tokens skip blocks start_layer_idx..end_layer_idx."""
+
+    selection_ratio: float = Field(ge=0.0, lt=1.0)
+    start_layer_idx: int
+    end_layer_idx: int
+
+
+class TreadConfig(Section):
+    """The seed's `tread_config`: {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}."""
+
+    routes: list[TreadRoute] = Field(min_length=1)
 
 
 class TrainParams(Section):
@@ -156,7 +183,7 @@ class TrainParams(Section):
     offload_during_startup: bool = False
     # TREAD token routing (seed: tread_config.routes). selection_ratio is the share of image tokens that SKIP the
     # span start_layer_idx..end_layer_idx (double blocks first, then single; negative = from the end).
-    tread_config: dict | None = None
+    tread_config: TreadConfig | None = None
     # Edit training with several conditioning folders: combined = all of a sample's references at once;
     # random = one reference folder drawn per sample and step.
     conditioning_multidataset_sampling: Literal["combined", "random"] = "combined"
@@ -186,7 +213,7 @@ class ValidateParams(Section):
     """Images from the pipeline with the trained LoRA loaded, beside the base model's, for fixed seeds."""
 
     user_prompt_library: str = "user_prompt_library.json"
-    validation_subject: str = ""  # replaces `<subject>` in library prompts (the trigger phrase)
+    validation_subject: str = ""  # replaces `<subject>` in library prompts
     validation_resolution: str = "1024x1024"  # "WxH" or a comma-separated list of them
     validation_num_inference_steps: int = Field(20, ge=1)
     validation_guidance: float = 4.0  # dev: distilled guidance; klein base: true CFG scale
@@ -217,6 +244,7 @@ class PublishParams(Section):
     hub_private: bool = True  # only used when the repo is created
     # Each published LoRA becomes a version of this MLflow registered model (alias `candidate`); null: no registry.
     registered_model_name: str | None = "flux2-lora"
+    # The words that call up the LoRA, for the model card and the published files' metadata (publish only).
     trigger_phrase: str = ""
 
 
@@ -357,6 +385,20 @@ MOVED_KEYS = {
 }
 
 
+# The seed's dataset keys that would change nothing here, by name (wherever they appear): refused with the reason
+# rather than accepted silently. `flux2lora import-simpletuner` reports them as having no effect and leaves them out.
+REFUSED_KEYS = {
+    "maximum_image_size": "flux2lora resizes every image to cover its aspect bucket before cropping, so there is "
+                          "nothing to downsample first; set the training size with resolution / resolution_type",
+    "metadata_backend": "image sizes are always read from the images; captions come from caption_strategy "
+                        "(parquet for a metadata table)",
+    "cache_dir_vae": "latents live in one content-addressed store, output_dir/latents (a DVC output)",
+    "cache_dir": "prompt embeddings live in one content-addressed store, output_dir/text_embeds (a DVC output)",
+    "width_column": "image sizes are always read from the images themselves (each image is validated anyway)",
+    "height_column": "image sizes are always read from the images themselves (each image is validated anyway)",
+}
+
+
 def _explain(error: ValidationError, source: str) -> str:
     lines = []
     for err in error.errors():
@@ -364,10 +406,13 @@ def _explain(error: ValidationError, source: str) -> str:
         where = ".".join(loc)
         if err["type"] == "extra_forbidden" and where in MOVED_KEYS:
             lines.append(f"unknown key {where!r}: it moved to {MOVED_KEYS[where]}")
+        elif err["type"] == "extra_forbidden" and loc[-1] in REFUSED_KEYS:
+            lines.append(f"{where!r} has no effect in flux2lora: {REFUSED_KEYS[loc[-1]]}; remove it")
         elif err["type"] == "extra_forbidden":
             valid = _valid_keys(_section_model(loc))
             close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys here: {', '.join(valid)}"
+            near = ".".join((*loc[:-1], close[0])) if close else None
+            hint = f"; did you mean {near!r}?" if close else f"; valid keys here: {', '.join(valid)}"
             lines.append(f"unknown key {where!r}{hint}")
         else:
             lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
@@ -413,13 +458,12 @@ def read_raw_params(path: str | Path) -> dict[str, Any]:
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate `params.yaml` (plus dotted-key overrides).
 
-    A relative local model folder (`models/tiny-klein-4b`) is made absolute against the params file's folder, so
-    stages behave the same whatever the working directory; hub ids are left alone.
+    A relative local model folder (`models/tiny-klein-4b`) is loaded from the params file's folder
+    (`ModelParams.model_path`), so stages behave the same whatever the working directory, while the params keep the
+    path as written (nothing stored depends on where the project lies).
     """
     params = parse_params(apply_overrides(read_raw_params(path), overrides), source=str(path))
-    model_path = params.model.pretrained_model_name_or_path
-    if model_path and not Path(model_path).is_absolute() and (project_root(path) / model_path).is_dir():
-        params.model.pretrained_model_name_or_path = str(project_root(path) / model_path)
+    params.model._project_root = project_root(path)
     return params
 
 

@@ -42,6 +42,19 @@ class Layout:
         return self.output_dir / "text_embeds"
 
     @property
+    def prompt_embeds_dir(self) -> Path:
+        """The validation prompts' embeddings (and the empty prompt's): validate's input, never train's."""
+        return self.output_dir / "prompt_embeds"
+
+    @property
+    def params_dir(self) -> Path:
+        """The `params` stage's files: per stage, the values of the params keys that compute it."""
+        return self.output_dir / "params"
+
+    def stage_params(self, stage: str) -> Path:
+        return self.params_dir / f"{stage}.json"
+
+    @property
     def latents_dir(self) -> Path:
         return self.output_dir / "latents"
 

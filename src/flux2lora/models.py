@@ -98,7 +98,7 @@ def component_identity(model: ModelParams, component: str) -> str:
 
 def describe_model(model: ModelParams) -> dict:
     """The base model's identity for metadata and model cards."""
-    info = {"base_model": model.model_path, "revision": model.revision or "main", "flavour": model.model_flavour}
+    info = {"base_model": model.model_id, "revision": model.revision or "main", "flavour": model.model_flavour}
     tiny_marker = Path(model.model_path) / "flux2lora_tiny.json"
     if tiny_marker.exists():
         info["tiny"] = json.loads(tiny_marker.read_text())

@@ -20,24 +20,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import tracking
-from .config import PARAMS_FILE, Params, flatten, load_params, parse_params, read_raw_params
+from . import params_table, tracking
+from .config import PARAMS_FILE, Params, load_params, parse_params, read_raw_params
 
 log = logging.getLogger(__name__)
 
 DATASET_TAG = "pipeline.dataset_dvc_hash"
 PARAMS_TAG = "pipeline.params_hash"
 COMPLETED_TAG = "pipeline.completed_at"  # ISO time of the flow run that marked it, UTC
-# Sections that say where a run is recorded and how its processes start, not what it computes.
-NOT_COMPARED = ("tracking", "runtime")
 
 
 def compared_params(params_path: Path) -> dict[str, Any]:
-    """params.yaml as validated `section.key` -> value, less NOT_COMPARED. Paths stay as written (a relative
-    model folder is not made absolute), so moving the project does not look like a change."""
+    """The params a scheduled run compares: every key that computes a stage or publishes
+    (flux2lora.params_table), with its validated value; keys that only change how stages run are left out. Paths
+    stay as written, so moving the project does not look like a change."""
     params = parse_params(read_raw_params(params_path), source=str(params_path))
-    tree = params.model_dump(by_alias=True, mode="json")
-    return {k: v for k, v in flatten(tree).items() if k.split(".")[0] not in NOT_COMPARED}
+    return params_table.compared(params)
 
 
 def params_hash(params_path: Path) -> str:
@@ -99,11 +97,10 @@ def last_successful_run(params: Params, root: Path):
 
 
 def _changed_keys(run, params_path: Path) -> list[str]:
-    """Best effort: the compared keys whose value differs from the params train logged on `run` (compared as train
-    logs them: loaded, a local model folder made absolute)."""
-    logged, compared = run.data.params, compared_params(params_path)
-    return sorted(key for key, value in load_params(params_path).flat().items()
-                  if key in compared and key in logged and logged[key] != ("" if value is None else str(value)))
+    """Best effort: the compared keys whose value differs from the params train logged on `run`."""
+    logged, flat = run.data.params, load_params(params_path).flat()
+    return sorted(key for key, value in flat.items() if params_table.kind_of(key) != params_table.RUNS
+                  and key in logged and logged[key] != ("" if value is None else str(value)))
 
 
 def check(root: Path, params_path: Path | None = None) -> Freshness:

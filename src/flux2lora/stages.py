@@ -1,4 +1,4 @@
-"""The six stages by name, in pipeline order, and the DVC bookkeeping that both entry points share.
+"""The stages by name, in pipeline order (`params`, then the six that compute), and the DVC bookkeeping that both entry points share.
 
 `dvc repro` runs `flux2lora stage NAME` for each stage that is out of date. The Prefect flow asks DVC the same
 question (`DvcPipeline.is_current`), calls the same stage function, then records the result in dvc.lock
@@ -14,6 +14,12 @@ from typing import Callable
 from .config import PARAMS_FILE, Params, load_params
 
 log = logging.getLogger(__name__)
+
+
+def _params(params: Params, root: Path) -> dict:
+    from .params_table import write_stage_inputs
+
+    return write_stage_inputs(params, root)
 
 
 def _prepare(params: Params, root: Path) -> dict:
@@ -35,7 +41,7 @@ def _encode_latents(params: Params, root: Path) -> dict:
 
 
 def _train(params: Params, root: Path) -> dict:
-    from .train.loop import train
+    from .train.recipe import train
 
     return train(params, root)
 
@@ -53,6 +59,7 @@ def _publish(params: Params, root: Path) -> dict:
 
 
 STAGES: dict[str, Callable[[Params, Path], dict]] = {
+    "params": _params,  # each later stage's params values, one file per stage: what DVC compares
     "prepare": _prepare,
     "encode-text": _encode_text,
     "encode-latents": _encode_latents,

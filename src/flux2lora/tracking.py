@@ -54,9 +54,34 @@ def configure(params: Params, root: Path):
         except Exception:  # created concurrently by another process
             if mlflow.get_experiment_by_name(name) is None:
                 raise
+    elif uri == default_tracking_uri(root) and uri.startswith("sqlite:"):
+        follow_moved_project(root / "mlflow.db", (root / "mlartifacts").as_uri())
     mlflow.set_experiment(name)
     os.environ.setdefault(ASYNC_BUFFERING_ENV, ASYNC_BUFFERING_S)
     return mlflow
+
+
+def follow_moved_project(db: Path, artifacts_uri: str) -> int:
+    """The project's own sqlite store after the project moved (copied, renamed, mounted elsewhere): MLflow keeps
+    absolute artifact locations, so those under another folder's `mlartifacts` are rewritten to this project's.
+    Returns how many experiments were moved. Other stores (a server, a user's URI) are never touched."""
+    import sqlite3
+
+    with sqlite3.connect(str(db)) as con:
+        moved = [(eid, old) for eid, old in con.execute("SELECT experiment_id, artifact_location FROM experiments")
+                 if old and old.rstrip("/").endswith("/mlartifacts") and old.rstrip("/") != artifacts_uri]
+        for _, old in moved:
+            old = old.rstrip("/")
+            con.execute("UPDATE experiments SET artifact_location = ? || substr(artifact_location, ?) "
+                        "WHERE artifact_location LIKE ? || '%'", (artifacts_uri, len(old) + 1, old))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE artifact_uri LIKE ? || '%'",
+                        (artifacts_uri, len(old) + 1, old))
+            for column in ("source", "storage_location"):
+                con.execute(f"UPDATE model_versions SET {column} = ? || substr({column}, ?) "
+                            f"WHERE {column} LIKE ? || '%'", (artifacts_uri, len(old) + 1, old))
+    if moved:
+        log.info("the project moved: MLflow artifact locations now point into %s", artifacts_uri)
+    return len(moved)
 
 
 def git_commit(root: Path) -> str:

@@ -30,11 +30,12 @@ def _index_keys(index: dict) -> set[str]:
 
 
 def cache_info(params: Params, root: Path, verify: bool = False) -> dict[str, dict]:
-    """Per store (latents, text_embeds): entries, shards, bytes, dtypes, damaged shards, and how many entries the
+    """Per store (latents, text_embeds, prompt_embeds): entries, shards, bytes, dtypes, damaged shards, and how many entries the
     store's index.json uses. verify=True reads every tensor and checks its checksum."""
     layout = layout_for(root, params.output_dir)
     out = {}
-    for name, folder in (("latents", layout.latents_dir), ("text_embeds", layout.text_embeds_dir)):
+    for name, folder in (("latents", layout.latents_dir), ("text_embeds", layout.text_embeds_dir),
+                         ("prompt_embeds", layout.prompt_embeds_dir)):
         store = TensorStore(folder)
         info = store.info()
         index_path = folder / "index.json"

@@ -1,4 +1,5 @@
-"""The `encode-text` stage: prompt embeddings of captions, validation prompts and the empty prompt, cached.
+"""The `encode-text` stage: prompt embeddings of captions, validation prompts and the empty prompt, cached in two
+stores (captions for train, validation prompts for validate).
 
 Embeddings equal what the flavour's diffusers pipeline computes in `encode_prompt` (see text_encoding.py; the
 encoder is cut after its deepest stacked layer): (512, 3*D) per prompt, all padded positions kept (the
@@ -10,6 +11,8 @@ dtype). `text_encoder_batch_size` prompts go through the encoder at once; entrie
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from pathlib import Path
 
@@ -43,9 +46,13 @@ def text_key(params: Params, prompt: str, encoder_identity: str) -> str:
 
 
 def encode_text(params: Params, root: Path) -> dict:
-    """Cache embeddings for every caption and validation prompt, plus "" (CFG negative / caption dropout).
+    """Cache embeddings for every caption and validation prompt, plus "" (caption dropout, the klein CFG negative).
 
-    Writes `text_embeds/index.json`: {"captions": {image_id: key}, "prompts": {name: key}, "empty": key}.
+    Two stores, so that each later stage depends on what it reads and nothing else: `text_embeds/` holds the
+    captions' embeddings (train's input; index.json {"captions": {image_id: key}, "empty": key}) and
+    `prompt_embeds/` the validation prompts' (validate's input; index.json {"prompts": {name: key}, "prompt_texts":
+    {name: text}, "empty": key}). Editing a validation prompt encodes that prompt and leaves `text_embeds/`
+    byte-identical, so DVC re-runs validate and not train. One encoder serves both.
     """
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_text
@@ -56,40 +63,65 @@ def encode_text(params: Params, root: Path) -> dict:
     caption_keys = {image_id: text_key(params, c, identity) for image_id, c in captions.items()}
     prompt_keys = {name: text_key(params, p, identity) for name, p in library.items()}
     empty_key = text_key(params, "", identity)
-    by_key = {text_key(params, p, identity): p for p in [*captions.values(), *library.values(), ""]}
+    stores = {
+        "captions": (TensorStore(layout.text_embeds_dir, write_batch_size=cfg.write_batch_size, verify=True),
+                     {text_key(params, p, identity): p for p in [*captions.values(), ""]}),
+        "prompts": (TensorStore(layout.prompt_embeds_dir, write_batch_size=cfg.write_batch_size, verify=True),
+                    {text_key(params, p, identity): p for p in [*library.values(), ""]}),
+    }
+    # what each store lacks; a text both need (the empty prompt, a caption that is also a prompt) is encoded once
+    todo = {name: {k: p for k, p in wanted.items() if not store.has(k)} for name, (store, wanted) in stores.items()}
+    to_encode = {k: p for missing in todo.values() for k, p in missing.items()}
+    unique = {k for _, wanted in stores.values() for k in wanted}
+    damaged = sum(len(store.damaged) for store, _ in stores.values())
+    log.info("encode-text: %d unique prompts (%d captions, %d validation prompts), %d cached, %d to encode%s",
+             len(unique), len(captions), len(library), len(unique) - len(to_encode), len(to_encode),
+             f"; {damaged} damaged shard(s) deleted" if damaged else "")
+    if to_encode:
+        _encode_into(params, list(to_encode.items()),
+                     {name: (store, set(todo[name])) for name, (store, _) in stores.items()})
+    pruned = sum(store.prune(set(wanted)) for store, wanted in stores.values())
+    common = {"layers": list(text_layers(params)), "encoder": identity, "empty": empty_key}
+    write_json_atomic(layout.text_embeds_dir / INDEX, {"captions": caption_keys, **common})
+    write_json_atomic(layout.prompt_embeds_dir / INDEX, {"prompts": prompt_keys, "prompt_texts": library, **common})
+    return {"unique_prompts": len(unique), "encoded": len(to_encode), "reused": len(unique) - len(to_encode),
+            "pruned": pruned}
 
-    store = TensorStore(layout.text_embeds_dir, write_batch_size=cfg.write_batch_size, verify=True)
-    todo = [(k, p) for k, p in by_key.items() if not store.has(k)]
-    log.info("encode-text: %d unique prompts (%d captions), %d cached, %d to encode%s", len(by_key), len(captions),
-             len(by_key) - len(todo), len(todo),
-             f"; {len(store.damaged)} damaged shard(s) deleted" if store.damaged else "")
-    if todo:
-        device = resolve_device(params.model.device)
-        encoder = PromptEncoder.from_pretrained(params.model, text_layers(params), cfg.max_sequence_length, device,
-                                                precision=cfg.text_encoder_1_precision,
-                                                truncate=cfg.truncate_text_encoder,
-                                                group_offload=cfg.group_offload_text_encoder)
-        store_dtype = torch_dtype(cfg.cache_dtype)
-        # `with store`: shards of write_batch_size are written as they fill, the last partial one on the way out
-        with store, tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
-            for start in range(0, len(todo), cfg.text_encoder_batch_size):
-                chunk = todo[start:start + cfg.text_encoder_batch_size]
-                embeds = encoder.encode([p for _, p in chunk])
-                for (key, _), emb in zip(chunk, embeds):
-                    store.put(key, {"prompt_embeds": emb.to(store_dtype)})
-                bar.update(len(chunk))
-        del encoder
-    pruned = store.prune(set(by_key))
-    index = {"captions": caption_keys, "prompts": prompt_keys, "prompt_texts": library, "empty": empty_key,
-             "layers": list(text_layers(params)), "encoder": identity}
-    write_json_atomic(layout.text_embeds_dir / INDEX, index)
-    return {"unique_prompts": len(by_key), "encoded": len(todo), "reused": len(by_key) - len(todo), "pruned": pruned}
+
+def _encode_into(params: Params, todo: list[tuple[str, str]], stores: dict[str, tuple[TensorStore, set[str]]]) -> None:
+    """Encode (key, text) pairs in batches of text_encoder_batch_size; each embedding goes into every store whose
+    key set holds its key. Shards are written as they fill, so a killed run keeps what it encoded."""
+    cfg = params.encode_text
+    device = resolve_device(params.model.device)
+    encoder = PromptEncoder.from_pretrained(params.model, text_layers(params), cfg.max_sequence_length, device,
+                                            precision=cfg.text_encoder_1_precision,
+                                            truncate=cfg.truncate_text_encoder,
+                                            group_offload=cfg.group_offload_text_encoder)
+    store_dtype = torch_dtype(cfg.cache_dtype)
+    with contextlib.ExitStack() as open_stores, tqdm(total=len(todo), desc="encode-text", unit="prompt") as bar:
+        for store, _ in stores.values():
+            open_stores.enter_context(store)  # the last partial shard is written on the way out
+        for start in range(0, len(todo), cfg.text_encoder_batch_size):
+            chunk = todo[start:start + cfg.text_encoder_batch_size]
+            embeds = encoder.encode([p for _, p in chunk])
+            for (key, _), emb in zip(chunk, embeds):
+                for store, keys in stores.values():
+                    if key in keys:
+                        store.put(key, {"prompt_embeds": emb.to(store_dtype)})
+            bar.update(len(chunk))
 
 
 def read_text_index(layout) -> dict:
-    import json
+    """The captions' index (`text_embeds/index.json`)."""
+    return _read_index(layout.text_embeds_dir / INDEX)
 
-    path = layout.text_embeds_dir / INDEX
+
+def read_prompt_index(layout) -> dict:
+    """The validation prompts' index (`prompt_embeds/index.json`)."""
+    return _read_index(layout.prompt_embeds_dir / INDEX)
+
+
+def _read_index(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the encode-text stage first")
     return json.loads(path.read_text())

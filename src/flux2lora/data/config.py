@@ -41,9 +41,6 @@ class ParquetConfig(_Strict):
     fallback_caption_column: str | None = None  # used where caption_column is empty
     # false: the column holds file names without extension (matched against any image extension)
     identifier_includes_extension: bool = False
-    # Accepted for compatibility; sizes are always read from the images themselves (each is validated anyway).
-    width_column: str | None = None
-    height_column: str | None = None
 
 
 class DatasetOptions(_Strict):
@@ -57,21 +54,14 @@ class DatasetOptions(_Strict):
     # pixel: shorter side in px; pixel_area: side of the square of equal area, px; area: megapixels.
     resolution: int | float = Field(1024, gt=0)
     resolution_type: Literal["pixel", "pixel_area", "area"] = "pixel"
-    # Smaller images are skipped (in resolution_type's unit). Images larger than maximum_image_size are downsampled
-    # before cropping, which flux2lora does for every image (it resizes to cover the bucket, as the pipelines do),
-    # so maximum_image_size is accepted for the seed's configs and changes nothing.
+    # Smaller images are skipped (in resolution_type's unit).
     minimum_image_size: int | float | None = Field(None, ge=0)
-    maximum_image_size: int | float | None = Field(None, ge=0)
     repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (0: once), as in the seed
     caption_strategy: Literal["textfile", "filename", "instanceprompt", "parquet"] = "textfile"
     caption_extension: str = ".txt"  # textfile: the caption file beside each image
     instance_prompt: str | None = None  # the caption of every image (instanceprompt), or the prefix (prepend_...)
     prepend_instance_prompt: bool = False
-    metadata_backend: Literal["discovery", "parquet", "json"] = "discovery"
     parquet: ParquetConfig | None = None
-    # The seed's per-dataset VAE cache folder. Latents live in one content-addressed store (output_dir/latents, a
-    # DVC output) shared by all datasets, so this is accepted and has no effect.
-    cache_dir_vae: str | None = None
     # Edit / reference training: ids of `dataset_type: conditioning` datasets (or folder paths) paired by file name.
     conditioning_data: list[str] = []
     conditioning_type: Literal["reference_strict", "reference_loose"] | None = None
@@ -97,10 +87,9 @@ class DatasetConfig(DatasetOptions):
     type: Literal["local"] = "local"
     dataset_type: Literal["image", "conditioning", "text_embeds"] = "image"
     instance_data_dir: str | None = None
-    # text_embeds entries: the text cache lives in output_dir/text_embeds (content-addressed, a DVC output), so
-    # `cache_dir` and `default` are accepted and have no effect; `write_batch_size` sets encode_text's.
+    # text_embeds entries: the text cache lives in output_dir/text_embeds (content-addressed, a DVC output); the
+    # `default` entry's `write_batch_size` sets encode_text's.
     default: bool = False
-    cache_dir: str | None = None
     write_batch_size: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")

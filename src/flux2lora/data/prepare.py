@@ -172,7 +172,7 @@ def prepare(params: Params, root: Path) -> dict:
 
     # 3. decode what is new or changed, remember the outcome
     to_inspect = sorted({p for _, p, _, _ in candidates} | {r for refs in references.values() for _, r in refs})
-    with FileRecords(layout.prepare_records) as records:
+    with FileRecords(layout.prepare_records, root) as records:
         facts, inspected = inspect_files(to_inspect, records)
         records.forget_except(set(to_inspect))
 

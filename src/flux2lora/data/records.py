@@ -8,6 +8,7 @@ keeps what it already inspected. The store is a cache outside DVC's outputs: del
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from .images import MAX_IMAGE_PIXELS
 
 # Bump when what `inspect_image` checks changes: older records are then ignored.
-INSPECTION_VERSION = f"2:{MAX_IMAGE_PIXELS}"
+INSPECTION_VERSION = f"3:{MAX_IMAGE_PIXELS}"  # 3: paths relative to the project
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,12 @@ class FileRecord:
 
 
 class FileRecords:
-    """An sqlite table of FileRecord by absolute path."""
+    """An sqlite table of FileRecord by path relative to `root` (the project): a moved or copied project keeps
+    its records, and prepare re-decodes nothing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, root: Path | None = None):
         self.path = Path(path)
+        self.root = Path(root).resolve() if root is not None else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), timeout=60)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -50,14 +53,19 @@ class FileRecords:
         self._known = {row[0]: FileRecord(*row[1:]) for row in self.db.execute("SELECT * FROM files")}
         self._pending: list[tuple] = []
 
+    def _key(self, path) -> str:
+        if self.root is None:
+            return str(path)
+        return os.path.relpath(os.path.abspath(path), self.root)
+
     def lookup(self, path: Path, size: int, mtime_ns: int) -> FileRecord | None:
         """The record of `path` if it was made for a file of this size and mtime, else None."""
-        record = self._known.get(str(path))
+        record = self._known.get(self._key(path))
         return record if record and record.size == size and record.mtime_ns == mtime_ns else None
 
     def add(self, path: Path, record: FileRecord) -> None:
-        self._known[str(path)] = record
-        self._pending.append((str(path), record.size, record.mtime_ns, record.sha256, record.width, record.height,
+        self._known[self._key(path)] = record
+        self._pending.append((self._key(path), record.size, record.mtime_ns, record.sha256, record.width, record.height,
                               record.reason, record.detail))
         if len(self._pending) >= 256:
             self.commit()
@@ -70,6 +78,7 @@ class FileRecords:
 
     def forget_except(self, paths: set[str]) -> None:
         """Drop records of files no longer in any dataset (keeps the table the size of the data)."""
+        paths = {self._key(p) for p in paths}
         stale = [(p,) for p in self._known if p not in paths]
         if stale:
             self.db.executemany("DELETE FROM files WHERE path = ?", stale)

@@ -33,6 +33,20 @@ def bfl_file_name(run_name: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', run_name).strip('._') or 'lora'}_bfl.safetensors"
 
 
+def add_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Rewrite a safetensors file with `extra` added to its metadata (keys sorted: identical inputs, identical
+    bytes)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ..io import write_atomic
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {**(f.metadata() or {}), **extra}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(sorted(metadata.items()))))
+
+
 def transfer_settings(params: Params) -> TransferSettings:
     cfg = params.publish
     return TransferSettings(multipart_threshold=int(cfg.s3_multipart_threshold_mb * MIB),
@@ -60,6 +74,9 @@ def publish(params: Params, root: Path) -> dict:
     diffusers_file = out / layout.lora_file.name
     shutil.copy2(layout.lora_file, diffusers_file)
     bfl_file = export_bfl(layout.lora_file, out / bfl_file_name(run_name))
+    # the trigger phrase is publish's alone: train's LoRA does not carry it, so changing it re-runs nothing else
+    for published in (diffusers_file, bfl_file):
+        add_metadata(published, {"flux2lora.trigger_phrase": params.publish.trigger_phrase})
     grid = layout.validation_dir / "grid.png"
     if grid.exists():
         shutil.copy2(grid, out / SAMPLES)
@@ -69,13 +86,13 @@ def publish(params: Params, root: Path) -> dict:
         tracking.dataset_dvc_hash(root, params.prepare.data_root)
     is_hub_model = not Path(model.model_path).exists()
     write_text_atomic(out / "README.md", model_card(
-        base_model=model.model_path, flavour=model.model_flavour, pipeline_class=flavour.pipeline_class,
+        base_model=model.model_id, flavour=model.model_flavour, pipeline_class=flavour.pipeline_class,
         licence=flavour.licence, trigger_phrase=cfg.trigger_phrase,
         rank=int(lora_meta.get("flux2lora.rank", params.train.lora_rank)),
         alpha=float(lora_meta.get("flux2lora.alpha", params.train.lora_alpha or params.train.lora_rank)),
         steps=metrics["steps"], final_loss=metrics["final_loss"], dataset_hash=dataset_hash, run_id=run_id,
         grid_file=SAMPLES if grid.exists() else None, diffusers_file=diffusers_file.name, bfl_file=bfl_file.name,
-        repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_path}" if is_hub_model else None,
+        repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_id}" if is_hub_model else None,
         git_commit=train_tags.get("git_commit")))
     # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
@@ -101,7 +118,7 @@ def publish(params: Params, root: Path) -> dict:
 
             version = register_lora(cfg.registered_model_name, run_id, f"{run.info.artifact_uri}/publish", tags={
                 "git_commit": train_tags.get("git_commit"), "dataset_dvc_hash": dataset_hash,
-                "flavour": model.model_flavour, "base_model": model.model_path,
+                "flavour": model.model_flavour, "base_model": model.model_id,
                 "lora_sha256": sha256_of(diffusers_file), "lora_file": diffusers_file.name,
                 "bfl_file": bfl_file.name, "s3_uri": result["s3"], "hub_url": result["hub"]})
             result["registered_model"] = {"name": cfg.registered_model_name, "version": str(version.version)}

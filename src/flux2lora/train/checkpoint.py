@@ -82,3 +82,48 @@ def latest_matching(folder: Path, fingerprint: str) -> Checkpoint | None:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
     matching = [c for c in checkpoints if c not in stale]
     return matching[-1] if matching else None
+
+
+class TrainingState:
+    """Everything a resumed run needs, captured into and restored from one checkpoint: the LoRA weights, the
+    optimizer, LR schedule and grad scaler (`TrainingStep`), the data generator (`StepDraws`) and each process's
+    torch RNG (LoRA dropout).
+
+    With several processes every process calls `capture` (FSDP gathers the LoRA's and the optimizer's shards there;
+    every process's RNG is gathered); only the main one writes."""
+
+    def __init__(self, transformer, training_step, draws, accelerator):
+        self.transformer, self.training_step, self.draws = transformer, training_step, draws
+        self.accelerator = accelerator
+
+    def capture(self, folder: Path, step: int, info: dict, keep: int | None) -> Path | None:
+        """Write checkpoint `step` (main process); returns its folder there, None elsewhere."""
+        from .lora import lora_state_dict
+
+        lora, state = lora_state_dict(self.transformer), self.training_step.state_dict()
+        processes = self.accelerator.num_processes
+        torch_rng = [torch.get_rng_state()]
+        if processes > 1:
+            torch_rng = [None] * processes
+            torch.distributed.all_gather_object(torch_rng, torch.get_rng_state())
+        if not self.accelerator.is_main_process:
+            return None
+        state.update(self.draws.state_dict(), torch_rng=torch_rng[0], torch_rng_per_process=torch_rng)
+        return save_checkpoint(folder, step, lora, state, {**info, "processes": processes}, keep=keep)
+
+    @staticmethod
+    def restore_lora(transformer, checkpoint: Checkpoint) -> None:
+        """The LoRA weights, into the bare transformer, before any wrapping (FSDP shards them)."""
+        from .lora import load_lora_state_dict
+
+        load_lora_state_dict(transformer, checkpoint.lora)
+
+    def restore(self, checkpoint: Checkpoint) -> None:
+        """Optimizer, schedule, scaler, data generator and this process's RNG (the LoRA: `restore_lora`)."""
+        state = checkpoint.training_state()
+        self.training_step.load_state_dict(state)
+        self.draws.load_state_dict(state)
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        per_process = state.get("torch_rng_per_process", [state["torch_rng"]])
+        # a run resumed on another process count (allowed: it changes how the run executes) reuses the saved RNGs
+        torch.set_rng_state(per_process[rank % len(per_process)])

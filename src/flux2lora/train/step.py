@@ -108,7 +108,7 @@ class TrainingStep:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"loss became {total.item() / len(micro_batches)} at step {step_number}")
         self.scaler.unscale_(self.optimizer)
-        if self.accelerator is not None:
+        if self.distributed:
             grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, self.max_grad_norm)
         else:
             # foreach: one fused norm over all LoRA tensors (the default does so only on CUDA)

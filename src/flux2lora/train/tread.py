@@ -35,20 +35,15 @@ class Route:
         return start, end
 
 
-def parse_routes(tread_config: dict | None) -> list[Route]:
-    """`{"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2, "end_layer_idx": -2}]}` -> [Route]."""
+def parse_routes(tread_config) -> list[Route]:
+    """`train.tread_config` (a validated TreadConfig, or the same as a dict) -> [Route]."""
     if not tread_config:
         return []
-    unknown = set(tread_config) - {"routes"}
-    if unknown:
-        raise ValueError(f"tread_config: unknown keys {sorted(unknown)}; expected 'routes'")
-    routes = []
-    for raw in tread_config.get("routes", []):
-        extra = set(raw) - {"selection_ratio", "start_layer_idx", "end_layer_idx"}
-        if extra:
-            raise ValueError(f"tread_config route: unknown keys {sorted(extra)}")
-        routes.append(Route(float(raw["selection_ratio"]), int(raw["start_layer_idx"]), int(raw["end_layer_idx"])))
-    return routes
+    if isinstance(tread_config, dict):
+        from ..config import TreadConfig
+
+        tread_config = TreadConfig.model_validate(tread_config)
+    return [Route(r.selection_ratio, r.start_layer_idx, r.end_layer_idx) for r in tread_config.routes]
 
 
 class TreadRouter:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..cache.store import TensorStore
-from ..cache.text import read_text_index
+from ..cache.text import read_prompt_index
 from ..config import Params
 
 BASE, LORA = "base", "lora"
@@ -33,9 +33,9 @@ class CachedPrompts:
 
 
 def load_cached_prompts(layout, device: torch.device, dtype: torch.dtype) -> CachedPrompts:
-    """Read the validation prompts' embeddings from `text_embeds/` (no text encoder is loaded)."""
-    index = read_text_index(layout)
-    store = TensorStore(layout.text_embeds_dir)
+    """Read the validation prompts' embeddings from `prompt_embeds/` (no text encoder is loaded)."""
+    index = read_prompt_index(layout)
+    store = TensorStore(layout.prompt_embeds_dir)
     if not index.get("prompts"):
         raise ValueError("validation: the prompt library has no prompts in the text cache; re-run encode-text")
 

@@ -1,0 +1,144 @@
+"""The training data of each step: which samples, and every random draw made for them, in one place.
+
+Everything random in a step (caption dropout, noise, sigma, dev's guidance, the reference picked for edit training)
+comes from one generator whose state is checkpointed, drawn in a fixed order. With several processes, every process
+draws every micro-batch of the step, in the same order, and keeps only its own: the generators stay in step without
+communication, and N processes compute what one process accumulating N micro-batches computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..cache.latents import read_latent_index
+from ..cache.store import TensorStore
+from ..cache.text import read_text_index
+from ..config import TrainParams
+from ..data.sampling import BucketBatches
+from .forward import pick_references
+from .step import MicroBatch, sample_sigmas
+
+
+@dataclass
+class Sample:
+    image_id: str
+    latent_key: str
+    text_key: str
+    reference_keys: list[str] = field(default_factory=list)  # edit training: the image's references, in order
+    bucket: tuple[int, int] = (0, 0)  # (width, height) of its aspect bucket: a batch holds one bucket
+    repeats: int = 0  # extra appearances per epoch (its dataset's `repeats`)
+
+
+def load_samples(layout) -> tuple[list[Sample], str]:
+    """Training samples: images with both a cached latent and a cached caption embedding. Also the empty-prompt key."""
+    latent_index = read_latent_index(layout)
+    text_index = read_text_index(layout)
+    captions = text_index["captions"]
+    references = latent_index.get("references", {})
+    buckets, repeats = latent_index.get("buckets", {}), latent_index.get("repeats", {})
+    samples = [Sample(i, k, captions[i], references.get(i, []), tuple(buckets.get(i, (0, 0))), repeats.get(i, 0))
+               for i, k in sorted(latent_index["images"].items()) if i in captions]
+    if not samples:
+        raise ValueError("train: no image has both a cached latent and a caption embedding; re-run the encode stages")
+    return samples, text_index["empty"]
+
+
+def total_steps(cfg: TrainParams, batches: BucketBatches, processes: int = 1) -> int:
+    """max_train_steps, or num_train_epochs passes over the data (each step consumes train_batch_size x
+    gradient_accumulation_steps x processes samples)."""
+    if cfg.num_train_epochs is None:
+        return cfg.max_train_steps
+    per_step = cfg.gradient_accumulation_steps * processes
+    return max(1, math.ceil(batches.per_epoch * cfg.num_train_epochs / per_step))
+
+
+def routing_generator(seed: int, step: int, process: int) -> torch.Generator:
+    """TREAD's token selection for one step of one process: a pure function of (seed, step, process), so that it
+    needs no checkpointing and processes never share a draw."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + process)
+
+
+def guidance_values(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """dev's distilled-guidance input per sample: constant, or uniform in [min, max] drawn per sample."""
+    if cfg.flux_guidance_mode == "random-range":
+        u = torch.rand(batch, generator=generator)
+        return cfg.flux_guidance_min + u * (cfg.flux_guidance_max - cfg.flux_guidance_min)
+    return torch.full((batch,), float(cfg.flux_guidance_value))
+
+
+@dataclass
+class Draws:
+    """The random choices for one micro-batch (CPU tensors): which samples get the empty prompt, the noise like
+    x0 (B, 128, h, w), sigmas (B,), dev's guidance (B,) and, for edit training, each sample's references."""
+
+    dropped: list[bool]
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    guidance: torch.Tensor | None
+    references: list[list[str]] | None
+
+
+class StepDraws:
+    """Micro-batches of a step for one process, drawn from the checkpointed `generator` (see the module docstring).
+
+    A micro-batch's index in the run is (step * accumulation + j) * processes + p for micro-batch j of process p.
+    """
+
+    def __init__(self, cfg: TrainParams, batches: BucketBatches, latent_store: TensorStore,
+                 text_store: TensorStore, empty_key: str, guidance: bool, device: torch.device,
+                 processes: int = 1, rank: int = 0):
+        self.cfg, self.batches, self.guidance = cfg, batches, guidance
+        self.latent_store, self.text_store, self.empty_key = latent_store, text_store, empty_key
+        self.device, self.processes, self.rank = device, processes, rank
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # CPU: identical draws on every device
+
+    def micro_batches(self, step: int) -> list[MicroBatch]:
+        """This process's micro-batches of `step` (0-based), every process's draws made in order."""
+        accumulation, own = self.cfg.gradient_accumulation_steps, []
+        for j in range(accumulation):
+            for p in range(self.processes):
+                batch = self.batches.at((step * accumulation + j) * self.processes + p)
+                draws = self.draw(batch)
+                if p == self.rank:
+                    own.append(self.materialise(batch, draws))
+        return own
+
+    def draw(self, batch: list[Sample]) -> Draws:
+        """The random choices for `batch`, in their fixed order; only the latents' shape is needed for them."""
+        cfg, g = self.cfg, self.generator
+        dropped = (torch.rand(len(batch), generator=g) < cfg.caption_dropout_probability).tolist()
+        noise = torch.randn(self._latent_shape(batch), generator=g)
+        sigmas = sample_sigmas(cfg, len(batch), g)
+        guidance = guidance_values(cfg, len(batch), g) if self.guidance else None
+        references = None
+        if any(sample.reference_keys for sample in batch):
+            references = pick_references([s.reference_keys for s in batch], cfg.conditioning_multidataset_sampling, g)
+        return Draws(dropped, noise, sigmas, guidance, references)
+
+    def materialise(self, batch: list[Sample], draws: Draws) -> MicroBatch:
+        """The cached latents and embeddings of `batch` with its draws, on the training device."""
+        get_latent, get_text = self.latent_store.get, self.text_store.get
+        x0 = torch.stack([get_latent(s.latent_key)["latents"] for s in batch]).to(self.device, torch.float32)
+        prompt_embeds = torch.stack([get_text(self.empty_key if drop else s.text_key)["prompt_embeds"]
+                                     for s, drop in zip(batch, draws.dropped)]).to(self.device)
+        references = None
+        if draws.references is not None:
+            references = [[get_latent(key)["latents"].float() for key in keys] for keys in draws.references]
+        return MicroBatch(x0, prompt_embeds, draws.noise.to(self.device), draws.sigmas.to(self.device),
+                          None if draws.guidance is None else draws.guidance.to(self.device), references)
+
+    def _latent_shape(self, batch: list[Sample]) -> tuple[int, ...]:
+        # a batch is one bucket (W, H): its latents are (128, H/16, W/16); without a recorded bucket, read them
+        width, height = batch[0].bucket
+        if width and height:
+            return (len(batch), 128, height // 16, width // 16)
+        return (len(batch), *self.latent_store.get(batch[0].latent_key)["latents"].shape)
+
+    def state_dict(self) -> dict:
+        return {"noise_generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["noise_generator"])

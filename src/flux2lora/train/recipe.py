@@ -1,0 +1,306 @@
+"""The `train` stage as a recipe: LoRA on the FLUX.2 transformer from cached latents and prompt embeddings.
+
+Read it in the order it runs: `setup` (accelerator, data, model with LoRA, optimizer), `resume` (the newest
+checkpoint of this run's fingerprint), `train` (the steps, with checkpoints and validation), `save` (the LoRA file,
+metrics, the MLflow run file). One Accelerator path serves one process and many (`accelerate launch`): with one,
+it wraps nothing.
+
+Flow matching: x_t = (1 - sigma) * x0 + sigma * noise, the model predicts noise - x0, MSE loss. Everything random
+comes from checkpointed generators (`draws.StepDraws`), so a resumed run ends with the same LoRA as one that never
+stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import faults, tracking
+from ..cache.store import TensorStore
+from ..config import Params, TrainParams
+from ..data.prepare import log_prepare_report
+from ..data.sampling import BucketBatches
+from ..io import write_json_atomic
+from ..layout import layout_for
+from ..models import component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device
+from ..params_table import stage_inputs
+from ..validate.during_training import TrainingValidator
+from .checkpoint import TrainingState, latest_matching
+from .draws import StepDraws, load_samples, routing_generator, total_steps
+from .lora import add_lora, lora_state_dict, save_diffusers_lora, target_modules
+from .model import build_training_model
+from .step import TrainingDiverged, TrainingStep, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def make_accelerator(device: torch.device):
+    """accelerate's Accelerator for this process: one of several when `accelerate launch` started it, else alone
+    (then `prepare` wraps nothing). Precision is the step's own autocast (train.mixed_precision), not accelerate's."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="no", cpu=device.type == "cpu")
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        # DeepSpeed's engine owns backward, accumulation and clipping, which this loop does itself; for a LoRA
+        # ZeRO-2 would shard only the small adapter's optimizer state, and FSDP2 shards the large frozen base.
+        raise ValueError("runtime.accelerate_config: DeepSpeed is not supported by the train loop; use "
+                         "infra/accelerate/multi-gpu.yaml (DDP) or infra/accelerate/fsdp2.yaml (sharded base)")
+    return accelerator
+
+
+def fingerprint(params: Params, layout) -> str:
+    """Identity of what this run computes: the values of the keys that compute train (flux2lora.params_table, paths
+    as written), the transformer's weights and the exact cached inputs. Keys that only change how the run executes
+    (memory, speed, logging, checkpoint cadence, processes) are not part of it: a run resumes across them."""
+    identity = {"train": stage_inputs(params)["train"],
+                "transformer": component_identity(params.model, "transformer")}
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    h.update((layout.latents_dir / "index.json").read_bytes())
+    h.update((layout.text_embeds_dir / "index.json").read_bytes())
+    return h.hexdigest()[:20]
+
+
+def warn_if_guidance_ignored(params: Params) -> None:
+    cfg, defaults = params.train, TrainParams()
+    keys = ("flux_guidance_mode", "flux_guidance_value", "flux_guidance_min", "flux_guidance_max")
+    changed = [k for k in keys if getattr(cfg, k) != getattr(defaults, k)]
+    if changed and not params.model.flavour.guidance_embeds:
+        warnings.warn(f"{params.model.model_flavour} has no guidance embedder: {', '.join(changed)} "
+                      "is ignored (only dev trains with distilled guidance)", UserWarning, stacklevel=2)
+
+
+class RunLog:
+    """The training run in MLflow, written by the main process only (the others train and log nothing)."""
+
+    def __init__(self, params: Params, root: Path, main_process: bool):
+        self.params, self.root, self.enabled = params, root, main_process
+        self.mlflow = tracking.configure(params, root) if main_process else None
+        self.run = None
+
+    def start(self, run_id: str | None, layout, num_lora_modules: int, start_step: int) -> None:
+        """Open (or, resuming, reopen) the run; a new run gets the params, tags and prepare's report."""
+        if not self.enabled:
+            return
+        params, mlflow = self.params, self.mlflow
+        if run_id is not None and not self._exists(run_id):
+            # a checkpoint from a clone whose MLflow store did not come along: the resumed run is a new MLflow run
+            log.info("MLflow run %s of the checkpoint is not in %s: resuming into a new run", run_id,
+                     mlflow.get_tracking_uri())
+            run_id = None
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name,
+                                    log_system_metrics=params.runtime.log_system_metrics())
+        if run_id is None:
+            tracking.log_params_flat(mlflow, params)
+            mlflow.set_tags({"git_commit": tracking.git_commit(self.root),
+                             "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, params.prepare.data_root),
+                             "flavour": params.model.model_flavour, "base_model": params.model.model_id,
+                             "lora_targets": params.train.flux_lora_target, "num_lora_modules": num_lora_modules})
+            log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
+        mlflow.set_tag("resumed_from_step", start_step)
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.mlflow.get_run(run_id)
+            return True
+        except MlflowException:
+            return False
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.info.run_id if self.run is not None else None
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if self.enabled:  # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
+            self.mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+    def finish(self, lora_file: Path, final_loss: float) -> None:
+        self.mlflow.log_artifact(str(lora_file), artifact_path="lora")
+        self.mlflow.flush_async_logging()
+        self.mlflow.log_metrics({"final_loss": final_loss})
+
+    def close(self, failed: bool) -> None:
+        if self.run is not None:
+            self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
+            self.run = None
+
+
+class LoRATrainingRecipe:
+    """setup -> resume -> train -> save (see the module docstring)."""
+
+    def __init__(self, params: Params, root: Path):
+        self.params, self.root, self.cfg = params, root, params.train
+        self.layout = layout_for(root, params.output_dir)
+        self.start_step, self.run_id = 0, None
+        self.losses: list[float] = []
+        self.last_loss, self.step_time = float("nan"), 0.0
+
+    # -- setup
+
+    def setup(self) -> None:
+        """The accelerator, the samples and their draws, the frozen transformer with its LoRA, the optimizer and
+        schedule, the training step, checkpoint state and the validator."""
+        params, cfg, layout = self.params, self.cfg, self.layout
+        self.accelerator = make_accelerator(resolve_device(params.model.device))
+        self.processes, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.main_process = self.accelerator.is_main_process
+        self.device = self.accelerator.device if self.processes > 1 else resolve_device(params.model.device)
+        warn_if_guidance_ignored(params)
+        samples, empty_key = load_samples(layout)
+        batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
+        self.max_steps = total_steps(cfg, batches, self.processes)
+        self.fingerprint = fingerprint(params, layout)
+        self._setup_model()
+        self.draws = StepDraws(cfg, batches, TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir),
+                               empty_key, params.model.flavour.guidance_embeds, self.device, self.processes,
+                               self.rank)
+        self.state = TrainingState(self.transformer, self.training_step, self.draws, self.accelerator)
+        # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
+        self.validator = TrainingValidator.for_training(params, self.root, self.transformer, self.device) \
+            if self.main_process else None
+        if self.validator is not None:
+            self.validator.max_steps = self.max_steps
+
+    def _setup_model(self) -> None:
+        params, cfg = self.params, self.cfg
+        torch.manual_seed(cfg.seed)  # the LoRA's initialisation: the same on every process
+        group_offload = dict(offload_type=cfg.group_offload_type, blocks_per_group=cfg.group_offload_blocks_per_group,
+                             use_stream=cfg.group_offload_use_stream) if cfg.enable_group_offload else None
+        transformer = load_training_transformer(params.model, self.device, cfg.base_model_precision,
+                                                cfg.quantize_via, group_offload=group_offload,
+                                                offload_during_startup=cfg.offload_during_startup)
+        self.targets = target_modules(transformer, cfg.flux_lora_target)
+        lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, self.targets,
+                               cfg.lora_init_type)
+        if group_offload is not None:
+            for p in lora_params:  # the offload hooks move only the frozen weights; the adapter lives on the device
+                p.data = p.data.to(self.device)
+        self.transformer = transformer
+        # resume's LoRA weights go in before any wrapping (FSDP shards them)
+        self.checkpoint = latest_matching(self.layout.checkpoints_dir, self.fingerprint) \
+            if cfg.resume_from_checkpoint else None
+        if self.checkpoint is not None:
+            TrainingState.restore_lora(transformer, self.checkpoint)
+        model = build_training_model(params, transformer)
+        transformer.train()
+        optimizer = make_optimizer(lora_params, cfg, self.device)
+        from diffusers.optimization import get_scheduler
+
+        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                  num_training_steps=self.max_steps)
+        if self.processes > 1:
+            # DDP synchronises only the LoRA gradients; the frozen base is loaded identically by every process and
+            # is not broadcast (quantized weights could not be)
+            frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                model, frozen + [name for name, _ in model.named_buffers()])
+        model, optimizer = self.accelerator.prepare(model, optimizer, device_placement=[False, False])  # placed
+        if self.processes > 1:
+            lora_params = [p for p in model.parameters() if p.requires_grad]
+            torch.manual_seed(cfg.seed + self.rank)  # LoRA dropout masks: independent per process
+            log.info("training on %d processes (%s, rank %d): model wrapped as %s", self.processes,
+                     self.accelerator.distributed_type.value, self.rank, type(model).__name__)
+        self.scheduler = scheduler
+        self.training_step = TrainingStep(model, lora_params, optimizer, scheduler,
+                                          mixed_precision=cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm,
+                                          device=self.device, dtype=transformer.dtype, accelerator=self.accelerator)
+
+    # -- resume
+
+    def resume(self) -> None:
+        """Continue from the newest checkpoint of this run's fingerprint, if any (its LoRA is in since setup)."""
+        if self.checkpoint is None:
+            return
+        self.state.restore(self.checkpoint)
+        self.start_step, self.run_id = self.checkpoint.step, self.checkpoint.state.get("mlflow_run_id")
+        log.info("resuming from checkpoint %s (step %d of %d)", self.checkpoint.path.name, self.start_step,
+                 self.max_steps)
+
+    # -- train
+
+    def train(self, run_log: RunLog) -> None:
+        """The steps from start_step to max_steps: one optimizer step each, then metrics, checkpoint, validation."""
+        cfg = self.cfg
+        progress = tqdm(range(self.start_step, self.max_steps), desc="train", unit="step", initial=self.start_step,
+                        total=self.max_steps, disable=not self.main_process)
+        for step in progress:
+            t0 = time.perf_counter()
+            micro_batches = self.draws.micro_batches(step)
+            try:
+                loss, grad_norm = self.training_step(micro_batches, routing_generator(cfg.seed, step, self.rank),
+                                                     step + 1)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(
+                    f"train: {e}; stopped. The last good checkpoint in {self.layout.checkpoints_dir} is kept: lower "
+                    "train.learning_rate or set train.max_grad_norm, then re-run to resume from it") from None
+            self.step_time, self.last_loss = time.perf_counter() - t0, loss
+            self.losses.append(loss)
+            progress.set_postfix(loss=f"{loss:.4f}")
+            self._after_step(step + 1, grad_norm, run_log)
+
+    def _after_step(self, done: int, grad_norm: float, run_log: RunLog) -> None:
+        cfg = self.cfg
+        if done % cfg.log_every_n_steps == 0 or done == self.max_steps:
+            run_log.step(done, {"loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
+                                "grad_norm": float(grad_norm), "step_time_s": self.step_time})
+        if done % cfg.checkpointing_steps == 0 and done < self.max_steps:
+            self.state.capture(self.layout.checkpoints_dir, done,
+                               {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
+                                "loss": self.last_loss}, keep=cfg.checkpoints_total_limit)
+        if self.validator is not None and self.validator.due(done):
+            self.validator.run(done, run_log.mlflow)
+        # FLUX2LORA_FAULT=train:step=N fails once here, after step N's checkpoint: the retry resumes from it
+        faults.maybe_fail("train", f"step={done}", self.layout.output_dir)
+
+    # -- save
+
+    def save(self, run_log: RunLog) -> dict:
+        """The LoRA in the diffusers format, train/metrics.json and the MLflow run file (main process)."""
+        self.accelerator.wait_for_everyone()
+        if not self.main_process:
+            lora_state_dict(self.transformer)  # FSDP: take part in gathering the final LoRA
+            return {"final_loss": self.last_loss, "steps": self.max_steps, "process": self.rank}
+        cfg, layout, losses = self.cfg, self.layout, self.losses
+        metadata = {**describe_model(self.params.model), "rank": cfg.lora_rank,
+                    "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": cfg.flux_lora_target,
+                    "steps": self.max_steps, "processes": self.processes,
+                    "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root),
+                    "mlflow_run_id": run_log.run_id}
+        lora_file = save_diffusers_lora(self.transformer, pipeline_class(self.params.model), layout.lora_dir,
+                                        metadata)
+        run_log.finish(lora_file, self.last_loss)
+        metrics = {"final_loss": self.last_loss, "steps": self.max_steps, "resumed_from_step": self.start_step,
+                   "processes": self.processes,
+                   "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+                   "lora_modules": len(self.targets), "last_step_time_s": self.step_time}
+        write_json_atomic(layout.train_metrics, metrics)
+        tracking.write_run_file(layout.run_file, run_log.run)
+        log.info("train: LoRA written to %s (final loss %.4f)", lora_file, self.last_loss)
+        return {**metrics, "lora_file": str(lora_file), "mlflow_run_id": run_log.run_id,
+                "mean_first_losses": sum(losses[:5]) / max(1, len(losses[:5])) if losses else math.nan}
+
+
+def train(params: Params, root: Path) -> dict:
+    """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json."""
+    recipe = LoRATrainingRecipe(params, root)
+    recipe.setup()
+    recipe.resume()
+    run_log = RunLog(params, root, recipe.main_process)
+    run_log.start(recipe.run_id, recipe.layout, len(recipe.targets), recipe.start_step)
+    failed = True
+    try:
+        recipe.train(run_log)
+        summary = recipe.save(run_log)
+        failed = False
+    finally:
+        run_log.close(failed)
+    return summary

@@ -1,0 +1,100 @@
+"""A project moves: copied to another folder, or cloned through a DVC remote, a half-trained run resumes its
+checkpoint there and ends with the LoRA an uninterrupted run gives; prepare re-decodes nothing it inspected before.
+
+Nothing we store depends on where the project lies: the train fingerprint hashes the params as written and the
+cached inputs, prepare's records are keyed by project-relative paths, and MLflow's default store follows the
+project (`tracking.configure`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import make_project, project_env, run, set_params
+from safetensors.torch import load_file
+
+from flux2lora.layout import layout_for
+from flux2lora.stages import STAGES, DvcPipeline, run_stage
+
+pytestmark = pytest.mark.slow
+
+STEPS = {"train.max_train_steps": 8, "train.checkpointing_steps": 4}
+
+
+def lora_of(root: Path) -> dict:
+    return load_file(str(layout_for(root, "outputs").lora_file))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict:
+    root = make_project(tmp_path_factory.mktemp("straight") / "project")
+    set_params(root, **STEPS)
+    for name in STAGES:
+        if name in ("params", "prepare", "encode-text", "encode-latents", "train"):
+            run_stage(name, root / "params.yaml")
+    return lora_of(root)
+
+
+def half_trained(root: Path) -> None:
+    """Every stage before train recorded in dvc.lock; train killed by the fault switch after step 4's checkpoint."""
+    set_params(root, **STEPS)
+    with contextlib.chdir(root), DvcPipeline(root) as dvc:  # DVC resolves paths against the working directory
+        for name in ("params", "prepare", "encode-text", "encode-latents"):
+            run_stage(name, root / "params.yaml")
+            dvc.record(name)
+    proc = subprocess.run(["flux2lora", "stage", "train"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=project_env(FLUX2LORA_FAULT="train:step=4"))
+    assert proc.returncode != 0 and "InjectedFault" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    assert (layout_for(root, "outputs").checkpoints_dir / "step-000004").is_dir()
+
+
+def resume_in(root: Path) -> str:
+    """`dvc repro` in the moved project; returns its output (the library logs to stderr)."""
+    proc = run(["dvc", "repro", "train"], root)
+    return proc.stdout + proc.stderr
+
+
+def test_copied_project_resumes_its_checkpoint(tmp_path, uninterrupted):
+    first = make_project(tmp_path / "first")
+    half_trained(first)
+    moved = tmp_path / "elsewhere" / "renamed"
+    shutil.copytree(first, moved, symlinks=True)  # copy2: file times are kept, as `cp -a` and rsync -a keep them
+    shutil.rmtree(first)  # nothing may still point at the old folder
+
+    prepare = run_stage("prepare", moved / "params.yaml")
+    assert prepare["inspected"] == 0, f"prepare re-decoded images after the move: {prepare}"
+    log = resume_in(moved)
+    assert "resuming from checkpoint step-000004" in log, log[-3000:]
+    assert "belongs to a run with other data or params" not in log
+    trained = lora_of(moved)
+    assert trained.keys() == uninterrupted.keys()
+    for key in trained:
+        assert (trained[key] == uninterrupted[key]).all(), key  # bitwise
+
+
+def test_project_cloned_through_a_dvc_remote_resumes_its_checkpoint(tmp_path, uninterrupted):
+    origin = make_project(tmp_path / "origin")
+    remote = tmp_path / "remote"
+    run(["dvc", "remote", "add", "-f", "-d", "test", str(remote)], origin)
+    half_trained(origin)
+    # the half-trained run's checkpoints travel as a DVC-tracked folder (README: "Moving a half-trained run")
+    run(["dvc", "add", "outputs/checkpoints"], origin)
+    run(["dvc", "push"], origin)
+    run(["git", "add", "-A"], origin)  # dvc.lock, params, the .dvc files; DVC's .gitignore files keep its outs out
+    run(["git", "commit", "-q", "-m", "half-trained"], origin)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    shutil.copytree(origin / "models", clone / "models")  # the base model: downloaded from the Hub in real life
+    run(["dvc", "pull", "--allow-missing"], clone)  # train and later have not run: nothing of theirs to pull
+    log = resume_in(clone)
+    assert "resuming from checkpoint step-000004" in log, log[-3000:]
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        assert f"Running stage '{stage}'" not in log, f"{stage} re-ran in the clone"
+    trained = lora_of(clone)
+    for key in trained:
+        assert (trained[key] == uninterrupted[key]).all(), key
