@@ -9,7 +9,7 @@ from diffusers import Flux2Transformer2DModel
 
 from flux2lora.flavours import get_flavour
 from flux2lora.latents import target_ids, text_ids
-from flux2lora.train.tread import Route, TreadRouter, parse_routes
+from flux2lora.train.tread import Route, BlockLoop, parse_routes
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_selection_ratio_zero_is_the_plain_forward(model):
     x = _inputs()
     with torch.no_grad():
         plain = model(**x, return_dict=False)[0]
-        routed = TreadRouter([Route(0.0, 0, -1)], 4).forward(model, **x)
+        routed = BlockLoop([Route(0.0, 0, -1)], 4).forward(model, **x)
     assert (plain - routed).abs().max() <= 1e-6
 
 
@@ -39,7 +39,7 @@ def test_kept_tokens_see_only_each_other_at_their_own_positions_and_skipped_ones
     x = _inputs(batch=1)
     keep = torch.tensor([0, 3, 5, 6, 9, 12, 15])
     with torch.no_grad():
-        routed = TreadRouter([Route(0.5, 0, -1)], 4).forward(model, **x, keep_indices=[keep])
+        routed = BlockLoop([Route(0.5, 0, -1)], 4).forward(model, **x, keep_indices=[keep])
         subset = model(**{**x, "hidden_states": x["hidden_states"][:, keep], "img_ids": x["img_ids"][:, keep]},
                        return_dict=False)[0]
         temb = model.time_guidance_embed(x["timestep"] * 1000, x["guidance"] * 1000)
@@ -57,7 +57,7 @@ def test_the_configured_share_skips_the_routed_blocks_and_text_always_passes(mod
     hooks = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a)) for i, b in enumerate(blocks)]
     try:
         with torch.no_grad():
-            out = TreadRouter([Route(0.5, 1, -2)], 4).forward(model, **x, generator=torch.Generator().manual_seed(0))
+            out = BlockLoop([Route(0.5, 1, -2)], 4).forward(model, **x, generator=torch.Generator().manual_seed(0))
     finally:
         for h in hooks:
             h.remove()
@@ -72,7 +72,7 @@ def test_the_configured_share_skips_the_routed_blocks_and_text_always_passes(mod
 def test_batches_are_exact_per_sample(model):
     x = _inputs(batch=2)
     keep = torch.tensor([1, 2, 4, 8, 9, 11, 13, 14])
-    router = TreadRouter([Route(0.5, 1, 2)], 4)
+    router = BlockLoop([Route(0.5, 1, 2)], 4)
     with torch.no_grad():
         both = router.forward(model, **x, keep_indices=[keep])
         first = router.forward(model, **{k: v[:1] for k, v in x.items()}, keep_indices=[keep])
@@ -89,7 +89,7 @@ def test_routing_trains_with_gradient_checkpointing(model):
     m.train()
     x = _inputs()
     x["guidance"] = None
-    out = TreadRouter(parse_routes({"routes": [{"selection_ratio": 0.25, "start_layer_idx": 0,
+    out = BlockLoop(parse_routes({"routes": [{"selection_ratio": 0.25, "start_layer_idx": 0,
                                                 "end_layer_idx": -1}]}), 2).forward(m, **x)
     out.square().mean().backward()
     grads = [p.grad for n, p in m.named_parameters() if "lora_B" in n]
@@ -98,11 +98,11 @@ def test_routing_trains_with_gradient_checkpointing(model):
 
 def test_bad_routes_are_clear_errors():
     with pytest.raises(ValueError, match="blocks 3..1"):
-        TreadRouter([Route(0.5, 3, 1)], 4)
+        BlockLoop([Route(0.5, 3, 1)], 4)
     with pytest.raises(ValueError, match="overlap"):
-        TreadRouter([Route(0.5, 0, 2), Route(0.5, 2, 3)], 4)
+        BlockLoop([Route(0.5, 0, 2), Route(0.5, 2, 3)], 4)
     with pytest.raises(ValueError, match="selection_ratio"):
-        TreadRouter([Route(1.0, 0, 1)], 4)
+        BlockLoop([Route(1.0, 0, 1)], 4)
     with pytest.raises(ValueError, match="unknown keys"):
         parse_routes({"routes": [{"selection_ratio": 0.5, "start_layer": 1, "end_layer_idx": 2}]})
 

@@ -33,3 +33,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines manifest; FileNotFoundError naming the stage to run when it is missing."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first (dvc repro / flux2lora stage)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

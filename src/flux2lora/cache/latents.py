@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from ..config import Params
 from ..data.buckets import CropPlan, apply_plan
 from ..data.images import ImageRejected, decode_rgb
-from ..data.prepare import WORKERS, read_jsonl
+from ..data.prepare import WORKERS
+from ..io import read_jsonl
 from ..io import write_json_atomic
 from ..latents import encode_pixels
 from ..layout import layout_for

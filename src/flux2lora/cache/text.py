@@ -16,12 +16,10 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from ..config import Params
-from ..data.prepare import read_jsonl
-from ..io import write_json_atomic
+from ..io import read_jsonl, write_json_atomic
 from ..layout import layout_for
 from ..models import component_identity, resolve_device, torch_dtype
 from ..prompts import load_prompt_library

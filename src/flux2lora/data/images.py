@@ -49,15 +49,6 @@ class ImageFacts:
     format: str
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _open(data: bytes, label: str, max_pixels: int) -> Image.Image:
     """PIL image of `data`, header read and size checked, not yet decoded."""
     if not data:
@@ -135,18 +126,6 @@ def decode_rgb(data: bytes, label: str, max_pixels: int = MAX_IMAGE_PIXELS) -> I
     image = _open(data, label, max_pixels)
     _decode(image, label)
     return to_rgb(ImageOps.exif_transpose(image))
-
-
-def open_rgb(path: Path, minimum_side: int = 1, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open `path` as an upright 8-bit RGB image. Raises ImageRejected (also too_small below `minimum_side`)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ImageRejected("unreadable", f"{path}: {e.strerror or e}") from None
-    image = decode_rgb(data, str(path), max_pixels)
-    if min(image.size) < minimum_side:
-        raise ImageRejected("too_small", f"{path}: {image.size[0]}x{image.size[1]}, shorter side < {minimum_side}")
-    return image
 
 
 def _srgb_from_profile(image: Image.Image, icc: bytes, mode: str) -> Image.Image | None:

@@ -25,7 +25,7 @@ from ..config import Params
 from ..io import write_json_atomic, write_jsonl_atomic
 from ..layout import layout_for
 from .buckets import plan_crop, plan_like, plan_loose, too_small
-from .captions import caption_source, read_caption_file
+from .captions import caption_source
 from .config import Dataset, relative_to_root, resolve_datasets
 from .images import ImageRejected, inspect_image
 from .records import FileRecord, FileRecords
@@ -37,11 +37,6 @@ UNSUPPORTED_IMAGE_SUFFIXES = {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2",
                               ".cr2", ".cr3", ".nef", ".arw", ".dng", ".exr", ".hdr"}
 # Decoding releases the GIL (Pillow's decoders, hashlib): threads overlap it without pickling images.
 WORKERS = min(8, os.cpu_count() or 1)
-
-
-def read_caption(image_path: Path, extension: str) -> str:
-    """The caption in the text file beside `image_path`; ImageRejected if missing, empty or not UTF-8."""
-    return read_caption_file(image_path, extension)
 
 
 # Paths are plain strings on the per-file paths below: a rerun touches every file of the dataset, and pathlib's
@@ -257,10 +252,3 @@ def log_prepare_report(mlflow, layout) -> None:
     metrics.update({f"prepare/skipped/{reason}": n for reason, n in report["skipped_by_reason"].items()})
     mlflow.log_metrics(metrics)
     mlflow.log_artifact(str(layout.prepare_report), artifact_path="prepare")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines manifest; FileNotFoundError naming the stage to run when it is missing."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first (dvc repro / flux2lora stage)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

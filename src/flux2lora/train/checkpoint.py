@@ -123,7 +123,7 @@ class TrainingState:
         state = checkpoint.training_state()
         self.training_step.load_state_dict(state)
         self.draws.load_state_dict(state)
-        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        rank = self.accelerator.process_index
         per_process = state.get("torch_rng_per_process", [state["torch_rng"]])
         # a run resumed on another process count (allowed: it changes how the run executes) reuses the saved RNGs
         torch.set_rng_state(per_process[rank % len(per_process)])

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from .tread import TreadRouter, parse_routes
+from .tread import BlockLoop, parse_routes
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class BlockCall(torch.nn.Module):
 class TrainingModel(torch.nn.Module):
     """forward(generator=..., **transformer inputs) -> (B, N_img, C) prediction."""
 
-    def __init__(self, transformer, router: TreadRouter | None = None, block_calls: list[BlockCall] | None = None):
+    def __init__(self, transformer, router: BlockLoop | None = None, block_calls: list[BlockCall] | None = None):
         super().__init__()
         self.transformer = transformer
         self.router = router
@@ -92,7 +92,7 @@ def build_training_model(params, transformer) -> TrainingModel:
     # activations would be rebuilt anyway, so checkpointing it costs a block's forward and saves no peak memory.
     checkpointed = min(checkpointed, total - 1)
     if not cfg.compile_transformer and checkpointed == 0:
-        return TrainingModel(transformer, TreadRouter(routes, total) if routes else None)  # diffusers' forward
+        return TrainingModel(transformer, BlockLoop(routes, total) if routes else None)  # diffusers' forward
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     calls = [BlockCall(block, index < checkpointed) for index, block in enumerate(blocks)]
     if cfg.compile_transformer:
@@ -101,4 +101,4 @@ def build_training_model(params, transformer) -> TrainingModel:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         for call in calls:
             call.compile(backend=cfg.compile_backend)
-    return TrainingModel(transformer, TreadRouter(routes, total), calls)
+    return TrainingModel(transformer, BlockLoop(routes, total), calls)

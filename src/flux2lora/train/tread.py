@@ -46,8 +46,10 @@ def parse_routes(tread_config) -> list[Route]:
     return [Route(r.selection_ratio, r.start_layer_idx, r.end_layer_idx) for r in tread_config.routes]
 
 
-class TreadRouter:
-    """Runs `Flux2Transformer2DModel` with token routing; same inputs and output as its forward (return_dict=False)."""
+class BlockLoop:
+    """The transformer's forward as our own loop over its blocks; same inputs and output as its forward
+    (return_dict=False). It routes tokens when TREAD routes are given, and runs each block through its `BlockCall`
+    (per-block checkpointing, regional compile) when those are given; with neither, it equals the plain forward."""
 
     def __init__(self, routes: list[Route], num_blocks: int):
         # no routes: the plain block loop (used for per-block checkpointing and regional compile)
