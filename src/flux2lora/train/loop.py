@@ -38,6 +38,7 @@ from .forward import pick_references
 from .step import MicroBatch, TrainingDiverged, TrainingStep, make_optimizer, sample_sigmas  # noqa: F401
 from .lora import add_lora, load_lora_state_dict, lora_state_dict, save_diffusers_lora, target_modules
 from .model import build_training_model
+from .schedules import build_lr_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +190,7 @@ def train(params: Params, root: Path) -> dict:
     if resumed is not None:  # the LoRA weights before any wrapping (FSDP shards them)
         load_lora_state_dict(transformer, resumed.lora)
     optimizer = make_optimizer(lora_params, cfg, device)
-    from diffusers.optimization import get_scheduler
-
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=max_steps)
+    scheduler = build_lr_scheduler(optimizer, cfg, max_steps)
     if accelerator is not None:
         # DDP synchronises only the LoRA gradients; the frozen base is loaded identically by every process and
         # is not broadcast (quantized weights could not be)
@@ -206,7 +204,7 @@ def train(params: Params, root: Path) -> dict:
                  accelerator.distributed_type.value, rank, type(model).__name__)
     training_step = TrainingStep(model, lora_params, optimizer, scheduler, mixed_precision=cfg.mixed_precision,
                                  max_grad_norm=cfg.max_grad_norm, device=device, dtype=transformer.dtype,
-                                 accelerator=accelerator)
+                                 accelerator=accelerator, grad_clip_method=cfg.grad_clip_method)
     noise_generator = torch.Generator().manual_seed(cfg.seed)  # CPU: identical draws on every device
     # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
     validator = TrainingValidator.for_training(params, root, transformer, device) if main_process else None
