@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from flux2lora.cli import app
 from flux2lora.config import ParamsError, load_params
-from flux2lora.simpletuner import SEED_KEYS, import_simpletuner, megapixel_resolution
+from flux2lora.simpletuner import READ_BY_IMPORT, SEED_KEYS, import_simpletuner, megapixel_resolution
 from flux2lora.train.schedules import build_lr_scheduler
 from helpers import REPO
 
@@ -304,6 +304,22 @@ def test_multiline_split_option_and_unknown_keys(tmp_path, project):
     assert status["multidatabackend.json[d] probability"] == "refused"
 
 
+def test_yaml_1_1_words_stay_strings(tmp_path, project):
+    """mixed_precision "no" must not become `no` (False to PyYAML and DVC) in the written params."""
+    _, params = imported(tmp_path, project, {"mixed_precision": "no"})
+    assert params.train.mixed_precision == "no"
+    assert yaml.safe_load((project / "params.yaml").read_text())["train"]["mixed_precision"] == "no"
+
+
+@pytest.mark.parametrize("config,match", [({"lora_type": "lycoris"}, "standard PEFT LoRAs"),
+                                          ({"model_type": "full"}, "LoRAs only"),
+                                          ({"controlnet": True}, "ControlNets"),
+                                          ({"model_family": "sdxl"}, "FLUX.2 only")])
+def test_a_different_kind_of_model_stops_the_import(tmp_path, project, config, match):
+    with pytest.raises(ParamsError, match=match):
+        imported(tmp_path, project, config)
+
+
 def test_every_table_entry_has_a_meaning():
     assert all(entry.meaning for entry in SEED_KEYS.values())
 
@@ -315,7 +331,8 @@ def test_config_toml_reads_like_config_json(project, tmp_path):
     shutil.copy2(REPO / "params.yaml", other / "params.yaml")
     json_report = import_simpletuner(FIXTURES / "quickstart", other / "params.yaml", write=False)
     assert toml_report.params == json_report.params
-    assert {r["target"] for r in toml_report.mapped} == {r["target"] for r in json_report.mapped}
+    files = set(READ_BY_IMPORT.values())  # the toml names its datasets and prompts files; the json folder has them
+    assert {r["target"] for r in toml_report.mapped} - files == {r["target"] for r in json_report.mapped}
 
 
 def test_import_keeps_comments_and_project_wiring(project):

@@ -345,6 +345,15 @@ def _uniform(value, config):
     raise NoEffect("false: SimpleTuner's default sigmoid-of-normal sampling (weighting_scheme logit_normal)")
 
 
+def stop_unless(meaning: str, harmless: tuple, why: str) -> SeedKey:
+    """A setting that would train a different kind of model: the import stops unless it has a harmless value."""
+    def apply(value, config):
+        if value in harmless:
+            raise NoEffect(f"{value!r}: as in flux2lora")
+        raise Stop(f"{meaning} {value!r}: {why}")
+    return SeedKey(meaning, apply)
+
+
 def _model_family(value, config):
     if value != "flux2":
         raise Stop(f"model_family {value!r}: flux2lora trains FLUX.2 only (model_family flux2)")
@@ -357,10 +366,15 @@ FLUX2_GUIDANCE = "SimpleTuner's FLUX.2 model trains with constant guidance 1.0 w
 SEED_KEYS: dict[str, SeedKey] = {
     # model
     "model_family": SeedKey("model family", _model_family),
-    "model_type": no_effect("full or lora", "flux2lora trains LoRAs only", ("lora",)),
-    "lora_type": no_effect("standard (PEFT) or lycoris", "flux2lora trains standard PEFT LoRAs", ("standard",),
-                           default="standard"),
-    "peft_lora_mode": no_effect("PEFT LoRA variant", "flux2lora trains standard LoRAs", ("standard",)),
+    "model_type": stop_unless("model_type", ("lora",), "flux2lora trains LoRAs only"),
+    "lora_type": stop_unless("lora_type", ("standard",), "flux2lora trains standard PEFT LoRAs (set lora_type "
+                             "standard to import this config as one)"),
+    "peft_lora_mode": stop_unless("peft_lora_mode", ("standard",), "flux2lora trains standard LoRAs"),
+    "controlnet": stop_unless("controlnet", (False, "false", None), "flux2lora does not train ControlNets"),
+    "distillation_method": stop_unless("distillation_method", (None, "", "none"),
+                                       "flux2lora does not distil models"),
+    "init_lora": refuse("start from an existing LoRA", "flux2lora's LoRA starts from its own initialisation"),
+    "use_ema": refuse("EMA of the trained weights", "not supported"),
     "model_flavour": to("model.model_flavour", "FLUX.2 variant (klein-4b, klein-9b, dev)", "klein-9b"),
     "pretrained_model_name_or_path": to("model.pretrained_model_name_or_path",
                                         "base model: hub id or local folder (unset: the flavour's repo)", None),
@@ -474,9 +488,21 @@ SEED_KEYS: dict[str, SeedKey] = {
     "hash_filenames": no_effect("hashed cache names", "cache entries are always named by content hash"),
     "output_dir": no_effect("output folder", "flux2lora writes under the project's output_dir, tracked by DVC"),
     "report_to": no_effect("tracker", "flux2lora tracks every run in MLflow"),
-    "data_backend_config": no_effect("dataset file", "read by the import: its datasets become prepare.datasets"),
-    "user_prompt_library": no_effect("prompt library file", "read by the import: copied to the project's library"),
-    "validation_prompt": no_effect("one validation prompt", "read by the import: added to the prompt library"),
+    "data_backend_config": SeedKey("the datasets file", lambda v, c: {}),  # READ_BY_IMPORT
+    "user_prompt_library": SeedKey("the validation prompts file", lambda v, c: {}),
+    "validation_prompt": SeedKey("one validation prompt", lambda v, c: {}),
+    "validation_prompt_library": refuse("also validate with SimpleTuner's built-in prompts", "not supported: the "
+                                        "project's prompt library is used"),
+    "validation_disable_unconditional": no_effect("skip the base model's images", "the base model's images are "
+                                                  "always rendered beside the LoRA's"),
+    "validation_guidance_rescale": refuse("CFG rescale", "not supported", harmless=(0, 0.0, None)),
+    "num_eval_images": no_effect("images of the evaluation loss", "flux2lora has no evaluation-loss pass"),
+    "eval_steps_interval": refuse("evaluation-loss interval", "flux2lora has no evaluation-loss pass"),
+    "fuse_qkv_projections": refuse("fused attention projections", "not supported (speed only)"),
+    "disable_bucket_pruning": no_effect("keep images of under-filled buckets", "flux2lora never prunes buckets"),
+    **{key: no_effect("SDNQ quantisation tuning", "SDNQ precisions are trained as their nearest quanto precision")
+       for key in ("sdnq_compile_mode", "sdnq_group_size", "sdnq_hadamard_group_size", "sdnq_use_hadamard",
+                   "sdnq_use_quantized_matmul", "sdnq_use_svd", "sdnq_svd_rank")},
     # publishing and tracking
     "push_to_hub": SeedKey("upload the final LoRA (repo: hub_model_id, else tracker_project_name)", _push_to_hub,
                            False, {"publish.hub_repo_id": None}),
@@ -502,6 +528,11 @@ SEED_KEYS: dict[str, SeedKey] = {
     "metadata_backend": no_effect("metadata store", "prepare reads sizes from the images themselves"),
 }
 # fmt: on
+
+# Keys naming files the import reads itself, and what becomes of their content.
+READ_BY_IMPORT = {"data_backend_config": "prepare.datasets (its backends)",
+                  "user_prompt_library": "the project's prompt library (validate.user_prompt_library)",
+                  "validation_prompt": "the project's prompt library, as 'validation_prompt'"}
 
 # Keys of a data backend (multidatabackend.json entry), beyond DatasetConfig's own names, with their fate.
 BACKEND_NO_EFFECT = {
@@ -671,6 +702,10 @@ def map_config(config: dict[str, Any], source: str, report: ImportReport) -> dic
                                      "reason": "null: unset (SimpleTuner skips null options); its default applies"})
             continue
         entry = SEED_KEYS.get(key)
+        if key in READ_BY_IMPORT:
+            report.mapped.append({"source": where, "target": READ_BY_IMPORT[key], "value": value,
+                                  "meaning": entry.meaning})
+            continue
         if entry is None:
             report.refused.append({"source": where, "value": value,
                                    "reason": "not a SimpleTuner key flux2lora knows: no equivalent, ignored"})
@@ -848,13 +883,29 @@ def _yaml():
     return yaml
 
 
+def yaml_safe(value: Any) -> Any:
+    """`value` with every string that a YAML 1.1 reader (PyYAML, DVC) would take for a bool, null or number quoted:
+    the round-trip writer emits YAML 1.2, where `no` is a string."""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
+
+    if isinstance(value, str):
+        import yaml as pyyaml
+
+        return DoubleQuotedScalarString(value) if pyyaml.safe_load(value or "''") != value else value
+    if isinstance(value, dict):
+        return {k: yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [yaml_safe(v) for v in value]
+    return value
+
+
 def write_sections(tree, values: dict[str, Any], report: ImportReport) -> None:
     """Write the imported values into the params tree; in RESET_SECTIONS every other key takes flux2lora's default
     (SimpleTuner has no such key), reported as defaulted."""
     for target, value in values.items():
         section, key = target.split(".", 1)
         if section != "prepare":
-            tree.setdefault(section, {})[key] = value
+            tree.setdefault(section, {})[key] = yaml_safe(value)
     for section in RESET_SECTIONS:
         node = tree.setdefault(section, {})
         defaults = _section_model(section)().model_dump(mode="json")
@@ -863,7 +914,7 @@ def write_sections(tree, values: dict[str, Any], report: ImportReport) -> None:
             if target in values or target in KEEP_ON_IMPORT:
                 continue
             if key in node:
-                node[key] = default
+                node[key] = yaml_safe(default)
             report.defaulted.append({"target": target, "value": default, "reason": OWN_DEFAULT_REASONS.get(
                 target, "no SimpleTuner counterpart: flux2lora's default")})
 
@@ -900,7 +951,7 @@ def import_simpletuner(source: Path, params_path: Path = Path(PARAMS_FILE), writ
     # SimpleTuner's global dataset options (set or defaulted) are the defaults of every dataset, as there
     prepare.update({k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("prepare.")})
     prepare["datasets"] = datasets
-    tree["prepare"] = prepare
+    tree["prepare"] = yaml_safe(prepare)
 
     prompts_path = _find(source, config.get("user_prompt_library"), "user_prompt_library.json")
     library = read_prompt_library(prompts_path, config.get("validation_prompt"), report)
