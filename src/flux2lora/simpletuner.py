@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 import tomllib
@@ -34,7 +33,7 @@ from typing import Annotated, Any, Callable
 from pydantic import TypeAdapter, ValidationError
 
 from .config import PARAMS_FILE, Params, ParamsError, parse_params, parse_resolutions
-from .data.config import DatasetConfig, DatasetOptions
+from .data.config import DatasetConfig
 
 UNSET: Any = object()
 
@@ -975,17 +974,3 @@ def import_simpletuner(source: Path, params_path: Path = Path(PARAMS_FILE), writ
             report.files_written.append(str(library_path))
     return report
 
-
-def key_table() -> list[tuple[str, str, str, str]]:
-    """(SimpleTuner key, its meaning, its default, what it becomes here) for every key the importer knows: the
-    README's table is generated from this."""
-    rows = []
-    for key, entry in SEED_KEYS.items():
-        default = "" if entry.st_default is UNSET else repr(entry.st_default)
-        try:
-            probe = entry.apply(entry.st_default, {}) if entry.st_default is not UNSET else {}
-            ours = ", ".join(sorted(set(probe) | set(entry.defaults({})))) or "-"
-        except (NoEffect, Refused, Stop) as e:
-            ours = ", ".join(sorted(entry.defaults({}))) or f"({type(e).__name__.lower()}: {e})"
-        rows.append((key, entry.meaning, default, ours))
-    return rows
