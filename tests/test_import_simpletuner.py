@@ -115,6 +115,16 @@ def test_the_guide_with_every_flag_it_names(project):
     assert set(library) == {"portrait_subject", "artistic_subject", "cinematic_subject"}
 
 
+@pytest.mark.parametrize("fixture", ["quickstart", "snippets", "toml", "guide"])
+def test_every_fixture_key_has_one_status_and_the_result_passes_check_params(project, fixture):
+    report = import_simpletuner(FIXTURES / fixture, project / "params.yaml")
+    check_params_passes(project / "params.yaml")
+    sources = [row["source"] for row in report.refused + report.no_effect]
+    assert len(sources) == len(set(sources)) and not set(sources) & {row["source"] for row in report.mapped}
+    if fixture != "toml":
+        assert not seed_keys(FIXTURES / fixture) - set(report.status())
+
+
 def test_unset_keys_take_simpletuner_defaults(tmp_path, project):
     """A config that sets almost nothing: the run is SimpleTuner's default run, each value listed as defaulted."""
     report, params = imported(tmp_path, project, {"model_family": "flux2", "model_flavour": "klein-4b",
