@@ -255,7 +255,8 @@ def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed tra
                            params: Path = typer.Option(Path("params.yaml"), "--params"),
                            dry_run: bool = typer.Option(False, "--dry-run", help="report only; write nothing"),
                            as_json: bool = typer.Option(False, "--json", help="the report as JSON")):
-    """Write a SimpleTuner configuration into params.yaml; list every key mapped, accepted without effect, or not."""
+    """Write a SimpleTuner configuration into params.yaml, so that it trains the run SimpleTuner would; list every key
+    as mapped (with SimpleTuner's meaning), defaulted (with the value), refused or without effect (with the reason)."""
     from .config import ParamsError
     from .simpletuner import import_simpletuner
 
@@ -266,16 +267,16 @@ def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed tra
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2, default=str))
         return
-    typer.echo(f"{len(report.mapped)} mapped, {len(report.without_effect)} accepted without effect, "
-               f"{len(report.not_mapped)} not mapped")
+    typer.echo(f"{len(report.mapped)} mapped, {len(report.defaulted)} defaulted, {len(report.refused)} refused, "
+               f"{len(report.no_effect)} without effect")
     for row in report.mapped:
-        typer.echo(f"  mapped      {row['source']} -> {row['target']} = {row['value']!r}")
-    for row in report.without_effect:
+        typer.echo(f"  mapped      {row['source']} -> {row['target']} = {row['value']!r} ({row['meaning']})")
+    for row in report.defaulted:
+        typer.echo(f"  defaulted   {row['target']} = {row['value']!r}: {row['reason']}")
+    for row in report.refused:
+        typer.secho(f"  REFUSED     {row['source']} = {row['value']!r}: {row['reason']}", fg=typer.colors.YELLOW)
+    for row in report.no_effect:
         typer.echo(f"  no effect   {row['source']} = {row['value']!r}: {row['reason']}")
-    for row in report.not_mapped:
-        typer.secho(f"  NOT MAPPED  {row['source']} = {row['value']!r}: {row['reason']}", fg=typer.colors.YELLOW)
-    for row in report.reset:
-        typer.echo(f"  default     {row['target']}: {row['was']!r} -> {row['now']!r} (not set by the seed config)")
     for note in report.notes:
         typer.echo(f"  note: {note}")
     typer.echo("dry run: nothing written" if dry_run else f"written: {', '.join(report.files_written)}")

@@ -140,8 +140,14 @@ class TrainParams(Section):
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial"] = "constant"
+    # constant / constant_with_warmup / linear / cosine / polynomial: diffusers' schedules (cosine: warmup, then half
+    # a cosine to 0 at the last step; constant ignores the warmup). cosine_oscillating / sine: SimpleTuner's `cosine`
+    # and `sine`, no warmup, periodic with half-period lr_warmup_steps, floor lr_end. See train/schedules.py.
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "polynomial", "cosine_oscillating",
+                          "sine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    lr_end: float = Field(1e-7, ge=0)  # polynomial: the final rate; cosine_oscillating / sine: the lowest rate
+    lr_power: float = Field(1.0, gt=0)  # polynomial: the decay's exponent (1.0: linear)
     max_train_steps: int = Field(1000, ge=0)  # 0: num_train_epochs decides the length
     # Passes over the dataset (every image x its repeats); used when max_train_steps is 0.
     num_train_epochs: int | None = Field(None, ge=1)
@@ -149,6 +155,9 @@ class TrainParams(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
+    # norm: gradients scaled so that their total L2 norm is at most max_grad_norm; value: each gradient element
+    # clamped to [-max_grad_norm, max_grad_norm] (SimpleTuner's default).
+    grad_clip_method: Literal["norm", "value"] = "norm"
     mixed_precision: Literal["bf16", "fp16", "no"] = "bf16"
     gradient_checkpointing: bool = True
     # Checkpoint only the first N blocks (double blocks first, then single); null: all of them. Fewer checkpointed
@@ -206,6 +215,16 @@ class TrainParams(Section):
                              "trains by epochs)")
         if self.num_train_epochs is None and self.max_train_steps == 0:
             raise ValueError("train.max_train_steps is 0: set num_train_epochs, or a number of steps")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_is_complete(self):
+        if self.lr_scheduler in ("cosine_oscillating", "sine") and self.lr_warmup_steps < 1:
+            raise ValueError(f"train.lr_scheduler {self.lr_scheduler}: set lr_warmup_steps >= 1, its half-period in "
+                             "steps (SimpleTuner's meaning of that key for this schedule)")
+        if self.lr_scheduler == "polynomial" and self.lr_end >= self.learning_rate:
+            raise ValueError(f"train.lr_end ({self.lr_end}) must be below train.learning_rate ({self.learning_rate}) "
+                             "for lr_scheduler polynomial")
         return self
 
 

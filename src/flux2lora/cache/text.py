@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import Params
+from ..data.captions import caption_texts
 from ..io import read_jsonl, write_json_atomic
 from ..layout import layout_for
 from ..models import component_identity, resolve_device, torch_dtype
@@ -54,16 +55,21 @@ def encode_text(params: Params, root: Path) -> dict:
     """
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_text
-    captions = {row["id"]: row["caption"] for row in read_jsonl(layout.captions_manifest)}
+    rows = read_jsonl(layout.captions_manifest)
+    captions = {row["id"]: row["caption"] for row in rows}
+    # images with several captions (a multi-line caption file): every one is embedded; train picks one per step
+    caption_lines = {row["id"]: caption_texts(row) for row in rows if row.get("captions")}
     library = load_prompt_library(root / params.validate_.user_prompt_library, params.validate_.validation_subject)
 
     identity = component_identity(params.model, "text_encoder")
     caption_keys = {image_id: text_key(params, c, identity) for image_id, c in captions.items()}
+    line_keys = {image_id: [text_key(params, c, identity) for c in lines] for image_id, lines in caption_lines.items()}
     prompt_keys = {name: text_key(params, p, identity) for name, p in library.items()}
     empty_key = text_key(params, "", identity)
     stores = {
         "captions": (TensorStore(layout.text_embeds_dir, write_batch_size=cfg.write_batch_size, verify=True),
-                     {text_key(params, p, identity): p for p in [*captions.values(), ""]}),
+                     {text_key(params, p, identity): p
+                      for p in [*captions.values(), *(c for lines in caption_lines.values() for c in lines), ""]}),
         "prompts": (TensorStore(layout.prompt_embeds_dir, write_batch_size=cfg.write_batch_size, verify=True),
                     {text_key(params, p, identity): p for p in [*library.values(), ""]}),
     }
@@ -80,7 +86,10 @@ def encode_text(params: Params, root: Path) -> dict:
                      {name: (store, set(todo[name])) for name, (store, _) in stores.items()})
     pruned = sum(store.prune(set(wanted)) for store, wanted in stores.values())
     common = {"layers": list(text_layers(params)), "encoder": identity, "empty": empty_key}
-    write_json_atomic(layout.text_embeds_dir / INDEX, {"captions": caption_keys, **common})
+    # caption_lines only when some image has several: the index of single-caption data (part of the train
+    # fingerprint) stays as it was
+    lines = {"caption_lines": line_keys} if line_keys else {}
+    write_json_atomic(layout.text_embeds_dir / INDEX, {"captions": caption_keys, **lines, **common})
     write_json_atomic(layout.prompt_embeds_dir / INDEX, {"prompts": prompt_keys, "prompt_texts": library, **common})
     return {"unique_prompts": len(unique), "encoded": len(to_encode), "reused": len(unique) - len(to_encode),
             "pruned": pruned}

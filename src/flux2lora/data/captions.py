@@ -5,11 +5,17 @@
 - instanceprompt: `instance_prompt` for every image
 - parquet: a metadata table (.parquet, or .jsonl for JSON lines) with a file-name column and a caption column
 
+A caption source gives a list: an image may have several captions, as in the seed. A textfile with several
+non-empty lines is one caption per line (unless the dataset sets `disable_multiline_split`), a table cell holding a
+list is one caption per item; training then uses one of them per sample and step (`caption_choice`). Every caption
+is embedded once by encode-text.
+
 A missing, empty or undecodable caption raises ImageRejected: the image is skipped with that reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,7 +24,7 @@ from typing import Callable
 from .config import DatasetOptions
 from .images import ImageRejected
 
-CaptionFor = Callable[[str, str], str]  # (image path, path relative to the dataset folder) -> caption
+CaptionFor = Callable[[str, str], list[str]]  # (image path, path relative to the dataset folder) -> its captions
 
 
 def read_caption_file(image_path: Path | str, extension: str) -> str:
@@ -41,6 +47,38 @@ def read_caption_file(image_path: Path | str, extension: str) -> str:
     return caption
 
 
+def split_caption_lines(caption: str) -> list[str]:
+    """The captions of a multi-line caption text: one per non-empty line (stripped; \\r\\n and \\n both end a line),
+    in file order, as the seed splits them."""
+    return [line.strip() for line in caption.split("\n") if line.strip()]
+
+
+def read_caption_lines(image_path: Path | str, extension: str, split_lines: bool = True) -> list[str]:
+    """The captions in the text file beside `image_path`: one per non-empty line, or (split_lines=False) the whole
+    text as one caption; ImageRejected if missing, empty or not UTF-8."""
+    caption = read_caption_file(image_path, extension)
+    return split_caption_lines(caption) if split_lines else [caption]
+
+
+def caption_choice(seed: int, micro_batch: int, position: int, count: int) -> int:
+    """Which of a sample's `count` captions it trains with: the sample at `position` of global micro-batch
+    `micro_batch` (the loop's (step * gradient_accumulation_steps + j) * processes + process) of a run seeded `seed`.
+
+    Uniform over the captions and a pure function of its arguments: it needs no generator state (a resumed run picks
+    what an uninterrupted one picks; every process computes the same), and it draws nothing from the training's
+    noise generator, so runs whose images have one caption each are unchanged."""
+    if count <= 1:
+        return 0
+    digest = hashlib.blake2b(f"caption:{seed}:{micro_batch}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % count
+
+
+def caption_texts(row: dict) -> list[str]:
+    """Every caption of a `captions.jsonl` row, first one first: its `captions` list when it has several, else its
+    `caption`."""
+    return list(row.get("captions") or [row["caption"]])
+
+
 def caption_from_filename(image_path: Path | str) -> str:
     """`a_red_circle (2).png` -> "a red circle (2)"."""
     caption = re.sub(r"\s+", " ", Path(image_path).stem.replace("_", " ")).strip()
@@ -49,16 +87,13 @@ def caption_from_filename(image_path: Path | str) -> str:
     return caption
 
 
-def _first_text(value) -> str | None:
-    """A table cell as a caption: a string, or the first non-empty string of a list (multi-caption cells)."""
+def _texts(value) -> list[str]:
+    """A table cell as captions: a string, or every non-empty string of a list (a multi-caption cell)."""
     if isinstance(value, str):
-        return value.strip() or None
+        return [value.strip()] if value.strip() else []
     if isinstance(value, (list, tuple)):
-        for item in value:
-            text = _first_text(item)
-            if text:
-                return text
-    return None
+        return [text for item in value for text in _texts(item)]
+    return []
 
 
 def read_metadata_table(path: Path, columns: list[str]) -> list[dict]:
@@ -89,17 +124,17 @@ class MetadataCaptions:
         columns = [cfg.filename_column, cfg.caption_column] + ([cfg.fallback_caption_column]
                                                                if cfg.fallback_caption_column else [])
         self.cfg, self.source = cfg, found
-        self.captions: dict[str, object] = {}
+        self.captions: dict[str, list[str]] = {}
         for row in read_metadata_table(found, columns):
             name = str(row[cfg.filename_column]).replace("\\", "/").strip("/")
-            caption = _first_text(row[cfg.caption_column])
-            if not caption and cfg.fallback_caption_column:
-                caption = _first_text(row[cfg.fallback_caption_column])
-            self.captions[name] = caption
+            captions = _texts(row[cfg.caption_column])
+            if not captions and cfg.fallback_caption_column:
+                captions = _texts(row[cfg.fallback_caption_column])
+            self.captions[name] = captions
             if cfg.identifier_includes_extension:
-                self.captions.setdefault(name.rsplit(".", 1)[0], caption)
+                self.captions.setdefault(name.rsplit(".", 1)[0], captions)
 
-    def __call__(self, image_path: str, rel: str) -> str:
+    def __call__(self, image_path: str, rel: str) -> list[str]:
         stem = rel.rsplit(".", 1)[0]
         for key in (rel, stem, os.path.basename(rel), os.path.basename(stem)):
             if key in self.captions:
@@ -114,21 +149,21 @@ def caption_source(options: DatasetOptions, folder: Path, root: Path) -> Caption
     """The caption function of a dataset; the instance prompt is prepended when asked."""
     strategy = options.caption_strategy
     if strategy == "textfile":
-        extension = options.caption_extension
+        extension, split_lines = options.caption_extension, not options.disable_multiline_split
 
-        def source(path: str, rel: str) -> str:
-            return read_caption_file(path, extension)
+        def source(path: str, rel: str) -> list[str]:
+            return read_caption_lines(path, extension, split_lines)
     elif strategy == "filename":
-        def source(path: str, rel: str) -> str:
-            return caption_from_filename(path)
+        def source(path: str, rel: str) -> list[str]:
+            return [caption_from_filename(path)]
     elif strategy == "instanceprompt":
-        def source(path: str, rel: str) -> str:
-            return options.instance_prompt
+        def source(path: str, rel: str) -> list[str]:
+            return [options.instance_prompt]
     else:
         source = MetadataCaptions(options, folder, root)
     if options.prepend_instance_prompt and options.instance_prompt and strategy != "instanceprompt":
         inner = source
 
-        def source(path: str, rel: str) -> str:  # noqa: F811 - the wrapped strategy
-            return f"{options.instance_prompt} {inner(path, rel)}"
+        def source(path: str, rel: str) -> list[str]:  # noqa: F811 - the wrapped strategy
+            return [f"{options.instance_prompt} {caption}" for caption in inner(path, rel)]
     return source

@@ -59,6 +59,9 @@ class DatasetOptions(_Strict):
     repeats: int = Field(0, ge=0)  # extra times each image is seen per epoch (0: once), as in the seed
     caption_strategy: Literal["textfile", "filename", "instanceprompt", "parquet"] = "textfile"
     caption_extension: str = ".txt"  # textfile: the caption file beside each image
+    # textfile: a file with several non-empty lines holds one caption per line, and training picks one per sample
+    # and step (the seed's behaviour); true: the whole file is one caption.
+    disable_multiline_split: bool = False
     instance_prompt: str | None = None  # the caption of every image (instanceprompt), or the prefix (prepend_...)
     prepend_instance_prompt: bool = False
     parquet: ParquetConfig | None = None

@@ -1,7 +1,8 @@
 """The `prepare` stage: scan the datasets, pair captions and references, bucket, skip what cannot be used.
 
 Writes `images.jsonl` (what encode-latents needs: id, path, content hash, upright size, bucket and crop, repeats,
-references) and `captions.jsonl` (what encode-text needs) separately, so a caption edit leaves images.jsonl
+references) and `captions.jsonl` (what encode-text needs: `caption`, plus `captions`, every one of them in order,
+for an image with several, e.g. a multi-line caption file) separately, so a caption edit leaves images.jsonl
 byte-identical and DVC does not re-run encode-latents. Every skipped file is in `report.json` with its reason.
 
 Each file is decoded once in its life: the outcome is remembered by (path, size, mtime_ns) in
@@ -134,7 +135,7 @@ def prepare(params: Params, root: Path) -> dict:
 
     # 1. captions first: they are cheap, and an image without one is skipped without being decoded
     skipped: list[Skip] = []
-    candidates: list[tuple[Dataset, str, str, str]] = []  # dataset, path, rel, caption
+    candidates: list[tuple[Dataset, str, str, list[str]]] = []  # dataset, path, rel, captions
     counted: Counter = Counter()
     for dataset in datasets:
         caption_for = caption_source(dataset.options, dataset.folder, root)
@@ -173,7 +174,7 @@ def prepare(params: Params, root: Path) -> dict:
 
     # 4. accept, bucket and crop
     images, captions = [], []
-    for dataset, path, rel, caption in candidates:
+    for dataset, path, rel, texts in candidates:
         record = facts[path]
         if record.reason:
             skipped.append(Skip(dataset.id, rel, record.reason, record.detail))
@@ -204,7 +205,8 @@ def prepare(params: Params, root: Path) -> dict:
         if dataset.conditioning:
             row["references"] = refs
         images.append(row)
-        captions.append({"id": image_id, "caption": caption})
+        # one caption: the row as it always was; several: also all of them (the first is `caption`)
+        captions.append({"id": image_id, "caption": texts[0], **({"captions": texts} if len(texts) > 1 else {})})
 
     for s in skipped:
         log.warning("skipped %s (%s): %s", s.file, s.reason, s.detail)

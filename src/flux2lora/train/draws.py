@@ -17,6 +17,7 @@ from ..cache.latents import read_latent_index
 from ..cache.store import TensorStore
 from ..cache.text import read_text_index
 from ..config import TrainParams
+from ..data.captions import caption_choice
 from ..data.sampling import BucketBatches
 from .forward import pick_references
 from .step import MicroBatch, sample_sigmas
@@ -30,6 +31,13 @@ class Sample:
     reference_keys: list[str] = field(default_factory=list)  # edit training: the image's references, in order
     bucket: tuple[int, int] = (0, 0)  # (width, height) of its aspect bucket: a batch holds one bucket
     repeats: int = 0  # extra appearances per epoch (its dataset's `repeats`)
+    caption_keys: list[str] = field(default_factory=list)  # several captions: one is picked per step
+
+    def text_key_at(self, seed: int, micro_batch: int, position: int) -> str:
+        """The caption embedding this sample trains with at `position` of global micro-batch `micro_batch`."""
+        if not self.caption_keys:
+            return self.text_key
+        return self.caption_keys[caption_choice(seed, micro_batch, position, len(self.caption_keys))]
 
 
 def load_samples(layout) -> tuple[list[Sample], str]:
@@ -39,7 +47,9 @@ def load_samples(layout) -> tuple[list[Sample], str]:
     captions = text_index["captions"]
     references = latent_index.get("references", {})
     buckets, repeats = latent_index.get("buckets", {}), latent_index.get("repeats", {})
-    samples = [Sample(i, k, captions[i], references.get(i, []), tuple(buckets.get(i, (0, 0))), repeats.get(i, 0))
+    lines = text_index.get("caption_lines", {})
+    samples = [Sample(i, k, captions[i], references.get(i, []), tuple(buckets.get(i, (0, 0))), repeats.get(i, 0),
+                      lines.get(i, []))
                for i, k in sorted(latent_index["images"].items()) if i in captions]
     if not samples:
         raise ValueError("train: no image has both a cached latent and a caption embedding; re-run the encode stages")
@@ -72,8 +82,10 @@ def guidance_values(cfg: TrainParams, batch: int, generator: torch.Generator) ->
 @dataclass
 class Draws:
     """The random choices for one micro-batch (CPU tensors): which samples get the empty prompt, the noise like
-    x0 (B, 128, h, w), sigmas (B,), dev's guidance (B,) and, for edit training, each sample's references."""
+    x0 (B, 128, h, w), sigmas (B,), dev's guidance (B,) and, for edit training, each sample's references; and the
+    micro-batch's index in the run (which caption line each sample trains with: `Sample.text_key_at`)."""
 
+    index: int
     dropped: list[bool]
     noise: torch.Tensor
     sigmas: torch.Tensor
@@ -100,13 +112,14 @@ class StepDraws:
         accumulation, own = self.cfg.gradient_accumulation_steps, []
         for j in range(accumulation):
             for p in range(self.processes):
-                batch = self.batches.at((step * accumulation + j) * self.processes + p)
-                draws = self.draw(batch)
+                index = (step * accumulation + j) * self.processes + p
+                batch = self.batches.at(index)
+                draws = self.draw(batch, index)
                 if p == self.rank:
                     own.append(self.materialise(batch, draws))
         return own
 
-    def draw(self, batch: list[Sample]) -> Draws:
+    def draw(self, batch: list[Sample], index: int) -> Draws:
         """The random choices for `batch`, in their fixed order; only the latents' shape is needed for them."""
         cfg, g = self.cfg, self.generator
         dropped = (torch.rand(len(batch), generator=g) < cfg.caption_dropout_probability).tolist()
@@ -116,14 +129,16 @@ class StepDraws:
         references = None
         if any(sample.reference_keys for sample in batch):
             references = pick_references([s.reference_keys for s in batch], cfg.conditioning_multidataset_sampling, g)
-        return Draws(dropped, noise, sigmas, guidance, references)
+        return Draws(index, dropped, noise, sigmas, guidance, references)
 
     def materialise(self, batch: list[Sample], draws: Draws) -> MicroBatch:
         """The cached latents and embeddings of `batch` with its draws, on the training device."""
         get_latent, get_text = self.latent_store.get, self.text_store.get
         x0 = torch.stack([get_latent(s.latent_key)["latents"] for s in batch]).to(self.device, torch.float32)
-        prompt_embeds = torch.stack([get_text(self.empty_key if drop else s.text_key)["prompt_embeds"]
-                                     for s, drop in zip(batch, draws.dropped)]).to(self.device)
+        seed = self.cfg.seed
+        keys = [self.empty_key if drop else s.text_key_at(seed, draws.index, i)
+                for i, (s, drop) in enumerate(zip(batch, draws.dropped))]
+        prompt_embeds = torch.stack([get_text(key)["prompt_embeds"] for key in keys]).to(self.device)
         references = None
         if draws.references is not None:
             references = [[get_latent(key)["latents"].float() for key in keys] for keys in draws.references]

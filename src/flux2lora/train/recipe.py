@@ -37,6 +37,7 @@ from .checkpoint import TrainingState, latest_matching
 from .draws import StepDraws, load_samples, routing_generator, total_steps
 from .lora import add_lora, lora_state_dict, save_diffusers_lora, target_modules
 from .model import build_training_model
+from .schedules import build_lr_scheduler
 from .step import TrainingDiverged, TrainingStep, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -193,10 +194,7 @@ class LoRATrainingRecipe:
         model = build_training_model(params, transformer)
         transformer.train()
         optimizer = make_optimizer(lora_params, cfg, self.device)
-        from diffusers.optimization import get_scheduler
-
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                  num_training_steps=self.max_steps)
+        scheduler = build_lr_scheduler(optimizer, cfg, self.max_steps)
         if self.processes > 1:
             # DDP synchronises only the LoRA gradients; the frozen base is loaded identically by every process and
             # is not broadcast (quantized weights could not be)
@@ -212,7 +210,8 @@ class LoRATrainingRecipe:
         self.scheduler = scheduler
         self.training_step = TrainingStep(model, lora_params, optimizer, scheduler,
                                           mixed_precision=cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm,
-                                          device=self.device, dtype=transformer.dtype, accelerator=self.accelerator)
+                                          device=self.device, dtype=transformer.dtype, accelerator=self.accelerator,
+                                          grad_clip_method=cfg.grad_clip_method)
 
     # -- resume
 

@@ -1,8 +1,8 @@
 """One optimisation step of LoRA training, shared by the train stage and `bench/train_step.py`.
 
 Flow matching: x_t = (1 - sigma) * x0 + sigma * noise; the transformer predicts noise - x0 (target tokens only);
-MSE loss; gradients accumulated over `gradient_accumulation_steps` micro-batches, clipped, then AdamW and the LR
-schedule step once.
+MSE loss; gradients accumulated over `gradient_accumulation_steps` micro-batches, clipped (by total norm, or by
+value: each element clamped), then AdamW and the LR schedule step once.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class TrainingStep:
 
     def __init__(self, model, lora_params: list[torch.nn.Parameter], optimizer, scheduler, *,
                  mixed_precision: str = "no", max_grad_norm: float = 1.0, router=None, device=None,
-                 dtype: torch.dtype | None = None, accelerator=None):
+                 dtype: torch.dtype | None = None, accelerator=None, grad_clip_method: str = "norm"):
         from .model import TrainingModel
 
         if hasattr(model, "transformer_blocks"):  # a bare transformer
@@ -69,6 +69,7 @@ class TrainingStep:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=mixed_precision == "fp16")
         self.max_grad_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+        self.clip_by_value = grad_clip_method == "value"
         self.accelerator = accelerator
         self.distributed = accelerator is not None and accelerator.num_processes > 1
 
@@ -108,11 +109,16 @@ class TrainingStep:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"loss became {total.item() / len(micro_batches)} at step {step_number}")
         self.scaler.unscale_(self.optimizer)
+        # by value, the norm is only measured (returned and logged), then each element is clamped
+        max_norm = float("inf") if self.clip_by_value else self.max_grad_norm
         if self.distributed:
-            grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, self.max_grad_norm)
+            grad_norm = self.accelerator.clip_grad_norm_(self.lora_params, max_norm)
         else:
             # foreach: one fused norm over all LoRA tensors (the default does so only on CUDA)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, self.max_grad_norm, foreach=True)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.lora_params, max_norm, foreach=True)
+        if self.clip_by_value and self.max_grad_norm != float("inf"):
+            # gradients are already synchronised here, so every process clamps the same values
+            torch.nn.utils.clip_grad_value_(self.lora_params, self.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
