@@ -84,7 +84,7 @@ def test_the_guide_with_every_flag_it_names(project):
     assert (train.lora_rank, train.learning_rate, train.max_train_steps, train.num_train_epochs) == (16, 1e-4,
                                                                                                        10000, None)
     assert (train.base_model_precision, params.encode_text.text_encoder_1_precision) == ("int8-quanto", "int8-quanto")
-    assert train.tread_config["routes"][0]["start_layer_idx"] == 4 and train.flux_lora_target == "all"
+    assert train.tread_config.routes[0].start_layer_idx == 4 and train.flux_lora_target == "all"
     assert (train.enable_group_offload, train.group_offload_type, train.group_offload_blocks_per_group,
             train.group_offload_use_stream, train.offload_during_startup, train.quantize_via) == (
         True, "block_level", 1, True, True, "cpu")  # "--offload_during_startup": "true", a string, is a bool here

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -79,12 +80,18 @@ def warn_if_guidance_ignored(params: Params) -> None:
 
 
 class RunLog:
-    """The training run in MLflow, written by the main process only (the others train and log nothing)."""
+    """The training run in MLflow, written by the main process only (the others train and log nothing).
 
-    def __init__(self, params: Params, root: Path, main_process: bool):
+    `active_file` names the run while it is open: a process killed before it could end its run leaves it there,
+    and the next start ends that run as KILLED unless it resumes it. Steps re-trained after a resume (those after
+    the checkpoint that an earlier attempt had already logged) are not logged twice."""
+
+    def __init__(self, params: Params, root: Path, main_process: bool, active_file: Path | None = None):
         self.params, self.root, self.enabled = params, root, main_process
         self.mlflow = tracking.configure(params, root) if main_process else None
         self.run = None
+        self.active_file = active_file
+        self.logged_until = 0  # the last step whose metrics the run already holds
 
     def start(self, run_id: str | None, layout, num_lora_modules: int, start_step: int) -> None:
         """Open (or, resuming, reopen) the run; a new run gets the params, tags and prepare's report."""
@@ -96,6 +103,7 @@ class RunLog:
             log.info("MLflow run %s of the checkpoint is not in %s: resuming into a new run", run_id,
                      mlflow.get_tracking_uri())
             run_id = None
+        self._end_killed_run(except_run=run_id)
         self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name,
                                     log_system_metrics=params.runtime.log_system_metrics())
         if run_id is None:
@@ -106,6 +114,22 @@ class RunLog:
                              "lora_targets": params.train.flux_lora_target, "num_lora_modules": num_lora_modules})
             log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
         mlflow.set_tag("resumed_from_step", start_step)
+        if run_id is not None:
+            history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
+            self.logged_until = max((m.step for m in history), default=0)
+        if self.active_file is not None:
+            write_json_atomic(self.active_file, {"run_id": self.run_id})
+
+    def _end_killed_run(self, except_run: str | None) -> None:
+        if self.active_file is None or not self.active_file.exists():
+            return
+        stale = json.loads(self.active_file.read_text()).get("run_id")
+        if stale and stale != except_run and self._exists(stale):
+            client = self.mlflow.tracking.MlflowClient()
+            if client.get_run(stale).info.status == "RUNNING":
+                client.set_terminated(stale, status="KILLED")
+                log.info("MLflow run %s of a training that was killed is now marked KILLED", stale)
+        self.active_file.unlink(missing_ok=True)
 
     def _exists(self, run_id: str) -> bool:
         from mlflow.exceptions import MlflowException
@@ -121,7 +145,7 @@ class RunLog:
         return self.run.info.run_id if self.run is not None else None
 
     def step(self, step: int, metrics: dict[str, float]) -> None:
-        if self.enabled:  # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
+        if self.enabled and step > self.logged_until:  # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
             self.mlflow.log_metrics(metrics, step=step, synchronous=False)
 
     def finish(self, lora_file: Path, final_loss: float) -> None:
@@ -133,6 +157,8 @@ class RunLog:
         if self.run is not None:
             self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
             self.run = None
+            if self.active_file is not None:
+                self.active_file.unlink(missing_ok=True)
 
 
 class LoRATrainingRecipe:
@@ -289,17 +315,66 @@ class LoRATrainingRecipe:
 
 
 def train(params: Params, root: Path) -> dict:
-    """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json."""
-    recipe = LoRATrainingRecipe(params, root)
-    recipe.setup()
-    recipe.resume()
-    run_log = RunLog(params, root, recipe.main_process)
-    run_log.start(recipe.run_id, recipe.layout, len(recipe.targets), recipe.start_step)
-    failed = True
-    try:
-        recipe.train(run_log)
-        summary = recipe.save(run_log)
-        failed = False
-    finally:
-        run_log.close(failed)
+    """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json.
+
+    One training per project at a time: the main process holds `TrainingLock` from setup to the end."""
+    layout = layout_for(root, params.output_dir)
+    with TrainingLock(layout.checkpoints_dir / ".training.lock", enabled=_is_main_process()):
+        recipe = LoRATrainingRecipe(params, root)
+        recipe.setup()
+        recipe.resume()
+        run_log = RunLog(params, root, recipe.main_process, layout.checkpoints_dir / ".mlflow_run.json")
+        run_log.start(recipe.run_id, recipe.layout, len(recipe.targets), recipe.start_step)
+        failed = True
+        try:
+            recipe.train(run_log)
+            summary = recipe.save(run_log)
+            failed = False
+        finally:
+            run_log.close(failed)
     return summary
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch / torchrun for each process
+
+
+class TrainingLocked(RuntimeError):
+    """Another training of this project is running."""
+
+
+class TrainingLock:
+    """An exclusive lock on the project's training, held by the main process: a second `flux2lora stage train`
+    (or flow) refuses with the holder's pid and host instead of racing it for the checkpoints. The lock is the
+    operating system's (flock): a killed holder releases it, so a stale lock never blocks the next run."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled, self._file = path, enabled, None
+
+    def __enter__(self) -> "TrainingLock":
+        if not self.enabled:
+            return self
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise TrainingLocked(f"train: another training of this project is running ({holder}; lock "
+                                 f"{self.path}); wait for it to finish or stop it, then re-run (it resumes from its "
+                                 "checkpoints)") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the lock
+            self._file = None

@@ -1,0 +1,89 @@
+"""One training per project, and MLflow tells the truth about trainings that died: a second `stage train` is
+refused while one runs, a run killed before its first checkpoint ends KILLED at the next start, and steps re-trained
+after a resume are logged once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import make_project, project_env, set_params
+
+from flux2lora.layout import layout_for
+from flux2lora.stages import run_stage
+from flux2lora.train.recipe import TrainingLock
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("runs") / "project", git=False)
+    set_params(root, **{"train.max_train_steps": 6, "train.checkpointing_steps": 2})
+    for name in ("params", "prepare", "encode-text", "encode-latents"):
+        run_stage(name, root / "params.yaml")
+    return root
+
+
+def train(root: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["flux2lora", "stage", "train"], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=project_env(**env))
+
+
+def runs(root: Path) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("flux2-lora")
+    return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]) if experiment \
+        else []
+
+
+def test_a_second_training_of_the_project_is_refused_with_the_holder(encoded):
+    layout = layout_for(encoded, "outputs")
+    with TrainingLock(layout.checkpoints_dir / ".training.lock"):
+        proc = train(encoded)
+    assert proc.returncode != 0
+    message = proc.stdout + proc.stderr
+    assert "another training of this project is running (pid" in message and ".training.lock" in message, message
+    assert not layout.lora_file.exists(), "the refused training must not write anything"
+
+
+def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, tmp_path):
+    layout = layout_for(encoded, "outputs")
+    active = layout.checkpoints_dir / ".mlflow_run.json"
+    # 1. killed (SIGKILL) once its MLflow run is open, before any checkpoint: the run is left RUNNING
+    proc = subprocess.Popen(["flux2lora", "stage", "train"], cwd=encoded, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not active.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for checkpoint in layout.checkpoints_dir.glob("step-*"):  # killed before its first checkpoint, whatever the timing
+        shutil.rmtree(checkpoint)
+    killed_id = json.loads(active.read_text())["run_id"]
+    assert [r.info.status for r in runs(encoded) if r.info.run_id == killed_id] == ["RUNNING"]
+
+    # 2. a fault after step 3 (after step 2's checkpoint): the next start ends the killed run as KILLED
+    failed = train(encoded, FLUX2LORA_FAULT="train:step=3")
+    assert failed.returncode != 0 and "InjectedFault" in failed.stdout + failed.stderr
+    statuses = {r.info.run_id: r.info.status for r in runs(encoded)}
+    assert statuses[killed_id] == "KILLED", statuses
+
+    # 3. the retry resumes from step 2 and re-trains step 3, which the failed attempt had logged already
+    done = train(encoded)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from checkpoint step-000002" in done.stderr
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads(layout.run_file.read_text())["run_id"]
+    history = MlflowClient(f"sqlite:///{encoded / 'mlflow.db'}").get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6], "each step's loss is logged exactly once"
+    assert {r.info.run_id: r.info.status for r in runs(encoded)}[run_id] == "FINISHED"
+    assert not active.exists()
