@@ -35,6 +35,16 @@ class ModelParams(Section):
     # Precision the frozen models run in while caching, training and validating.
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # Where the text encoder and its tokenizer come from. None: the base model's text_encoder/ and tokenizer/. dev's
+    # encoder may come from mistralai/Mistral-Small-3.1-24B-Instruct-2503 (its own layout: weights at the repo root).
+    pretrained_text_encoder_name_or_path: str | None = None
+    text_encoder_subfolder: str | None = None  # None: "text_encoder" in the base model, the root of another repo
+    text_encoder_revision: str | None = None  # None: `revision` in the base model, the default branch elsewhere
+    pretrained_tokenizer_name_or_path: str | None = None
+    tokenizer_subfolder: str | None = None  # None: "tokenizer" in the base model, the root of another repo
+    tokenizer_revision: str | None = None
+    # Train on a step-distilled klein repo anyway (refused by default: LoRAs trained on them come out gray).
+    allow_distilled: bool = False
 
     @field_validator("model_flavour")
     @classmethod
