@@ -249,16 +249,23 @@ class PromptEncoder:
 
             quantize(encoder, weights=qint8 if precision == "int8-quanto" else qint4)
             freeze(encoder)
+        log.info("text encoder %s: %d decoder layers loaded (%s), stacking hidden states %s",
+                 text_encoder_source(model), encoder.config.num_hidden_layers, precision, layers)
+        prompt_encoder = cls(tokenizer, encoder, flavour.text_encoder_family, layers, max_sequence_length,
+                             torch.device("cpu"))
+        return prompt_encoder.move_to(torch.device(device), group_offload=group_offload)
+
+    def move_to(self, device: torch.device, group_offload: bool = False) -> "PromptEncoder":
+        """Run on `device`: the weights moved there, or (group_offload) kept in CPU memory with each decoder layer
+        copied to `device` as it runs (one group per decoder layer, one for the embedding and final norm)."""
         if group_offload:
             from .models import apply_group_offload
 
-            apply_group_offload(encoder, torch.device(device), "block_level", 1,
-                                use_stream=torch.device(device).type == "cuda")
+            apply_group_offload(self.model, device, "block_level", 1, use_stream=device.type == "cuda")
         else:
-            encoder.to(device)
-        log.info("text encoder %s: %d decoder layers loaded (%s), stacking hidden states %s",
-                 text_encoder_source(model), encoder.config.num_hidden_layers, precision, layers)
-        return cls(tokenizer, encoder, flavour.text_encoder_family, layers, max_sequence_length, torch.device(device))
+            self.model.to(device)
+        self.device = device
+        return self
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """input_ids and attention_mask (B, max_sequence_length), exactly as the flavour's pipeline builds them."""
