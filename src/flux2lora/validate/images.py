@@ -52,12 +52,10 @@ def render_image(pipe, params: Params, prompt_embeds: torch.Tensor, negative_emb
 
     dev: `validation_guidance` is the distilled-guidance input (no negative prompt); klein base: true CFG at
     `validation_guidance` against the cached empty prompt. `lora_scale` scales the active LoRA (None: no LoRA).
-    label: a progress bar over the denoising steps, titled with it (None: none).
+    label: a progress bar over the denoising steps, titled with it (None: the pipeline's progress bar setting).
     """
     cfg = params.validate_
-    if label is None:
-        pipe.set_progress_bar_config(disable=True)
-    else:
+    if label is not None:
         pipe.set_progress_bar_config(desc=label, leave=False)
     kwargs = dict(prompt_embeds=prompt_embeds, width=width, height=height,
                   num_inference_steps=cfg.validation_num_inference_steps, guidance_scale=cfg.validation_guidance,
