@@ -326,3 +326,63 @@ def test_distilled_repo_is_refused_for_training_and_allow_distilled_trains(hub, 
     assert "FLUX.2-klein-base-4B" in meta["flux2lora.distilled_warning"]
     assert describe_model(params(model, "klein-4b", allow_distilled=True))["distilled"] == "true"
     assert (layout.validation_dir / "grid.png").is_file()
+
+
+def test_the_tokenizer_is_checked_before_any_weight_is_read(hub, tmp_path):
+    """A tokenizer folder without its chat template fails first, with the weights gone too: the error is about the
+    tokenizer, so nothing was loaded before it."""
+    folder = shutil.copytree(hub["dev"], tmp_path / "dev")
+    (folder / "tokenizer" / "chat_template.json").unlink()
+    for shard in (folder / "text_encoder").glob("model-*.safetensors"):
+        shard.unlink()
+    with pytest.raises(ValueError, match=r"tokenizer: .*tokenizer has no chat template"):
+        PromptEncoder.from_pretrained(params(folder, "dev"))
+
+
+def test_a_tokenizer_of_the_other_family_is_refused(hub):
+    wrong = params(hub["dev"], "dev", pretrained_tokenizer_name_or_path=str(hub["klein-4b"]),
+                   tokenizer_subfolder="tokenizer")
+    with pytest.raises(ValueError, match=r"lacks \[INST\]"):
+        PromptTokenizer.from_pretrained(wrong)
+
+
+def test_the_command_writes_hub_layouts_byte_identically(tmp_path):
+    import hashlib
+
+    from typer.testing import CliRunner
+
+    from flux2lora.cli import app
+
+    digests = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / name), "--flavour", "klein-9b",
+                                          "--layout", "hub", "--distilled"])
+        assert result.exit_code == 0, result.output
+        digests.append({str(f.relative_to(tmp_path / name)): hashlib.sha256(f.read_bytes()).hexdigest()
+                        for f in sorted((tmp_path / name).rglob("*")) if f.is_file()})
+    assert digests[0] == digests[1]
+    assert json.loads((tmp_path / "a" / "model_index.json").read_text())["is_distilled"] is True
+    bad = CliRunner().invoke(app, ["make-tiny-model", str(tmp_path / "c"), "--flavour", "dev", "--distilled"])
+    assert bad.exit_code != 0 and "only klein" in bad.output
+
+
+def test_dev_stages_run_on_the_hub_layout_without_torchvision(hub, tmp_path):
+    """encode-text, encode-latents, train (2 steps), validate and publish on dev's hub layout, its text encoder
+    taken from Mistral-Small-3.1's own repo layout."""
+    from flux2lora.config import load_params
+    from flux2lora.layout import layout_for
+    from flux2lora.stages import STAGES, run_stage
+    from helpers import make_project, set_params
+
+    root = make_project(tmp_path / "project", flavour="dev", git=False)
+    shutil.copytree(hub["dev"], root / "models" / "FLUX.2-dev")
+    shutil.copytree(hub["mistral-small"], root / "models" / "Mistral-Small-3.1-24B-Instruct-2503")
+    set_params(root, **{"model.model_flavour": "dev", "model.pretrained_model_name_or_path": "models/FLUX.2-dev",
+                        "model.pretrained_text_encoder_name_or_path": "models/Mistral-Small-3.1-24B-Instruct-2503",
+                        "train.max_train_steps": 2, "encode_text.group_offload_text_encoder": True})
+    for stage in STAGES:
+        run_stage(stage, root / "params.yaml")
+    layout = layout_for(root, load_params(root / "params.yaml").output_dir)
+    index = json.loads((layout.text_embeds_dir / "index.json").read_text())
+    assert "Mistral-Small-3.1-24B-Instruct-2503" not in index["encoder"]  # relocatable: a hash, not the path
+    assert (layout.validation_dir / "grid.png").is_file() and layout.lora_file.is_file()

@@ -423,13 +423,16 @@ def read_raw_params(path: str | Path) -> dict[str, Any]:
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate `params.yaml` (plus dotted-key overrides).
 
-    A relative local model folder (`models/tiny-klein-4b`) is made absolute against the params file's folder, so
-    stages behave the same whatever the working directory; hub ids are left alone.
+    A relative local model folder (`models/tiny-klein-4b`; also a separate text encoder's or tokenizer's) is made
+    absolute against the params file's folder, so stages behave the same whatever the working directory; hub ids are
+    left alone.
     """
     params = parse_params(apply_overrides(read_raw_params(path), overrides), source=str(path))
-    model_path = params.model.pretrained_model_name_or_path
-    if model_path and not Path(model_path).is_absolute() and (project_root(path) / model_path).is_dir():
-        params.model.pretrained_model_name_or_path = str(project_root(path) / model_path)
+    for key in ("pretrained_model_name_or_path", "pretrained_text_encoder_name_or_path",
+                "pretrained_tokenizer_name_or_path"):
+        model_path = getattr(params.model, key)
+        if model_path and not Path(model_path).is_absolute() and (project_root(path) / model_path).is_dir():
+            setattr(params.model, key, str(project_root(path) / model_path))
     return params
 
 

@@ -203,8 +203,12 @@ def load_text_decoder(model: ModelParams, num_layers: int | None, dtype: torch.d
 class PromptEncoder:
     """Tokenizer + truncated text encoder of one FLUX.2 flavour; `encode(prompts)` gives pipeline-equal embeddings."""
 
-    def __init__(self, tokenizer: PromptTokenizer, model, family: str, layers: tuple[int, ...],
-                 max_sequence_length: int, device: torch.device):
+    def __init__(self, tokenizer, model, family: str, layers: tuple[int, ...], max_sequence_length: int,
+                 device: torch.device):
+        """tokenizer: a PromptTokenizer, or a transformers tokenizer carrying its chat template (benchmarks)."""
+        if not isinstance(tokenizer, PromptTokenizer):
+            tokenizer = PromptTokenizer(tokenizer, tokenizer.chat_template, family,
+                                        Source(getattr(tokenizer, "name_or_path", "") or "tokenizer", "", None))
         self.tokenizer, self.model, self.family = tokenizer, model, family
         self.layers, self.max_sequence_length, self.device = tuple(layers), max_sequence_length, device
         self._captured: dict[int, torch.Tensor] = {}

@@ -422,6 +422,18 @@ _PIXTRAL_PREPROCESSOR_CONFIG = {
 }
 
 
+def _bf16(model):
+    """The model cast to bf16, the published dtype (without diffusers' note that no module asks to stay fp32)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return model.to(torch.bfloat16)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -519,15 +531,14 @@ def make_hub_model(path: str | Path, flavour: str, seed: int = 0, *, distilled: 
     with _seeded(seed, "transformer"):
         transformer = Flux2Transformer2DModel(**{**tiny.full_transformer_config, "num_layers": double,
                                                  "num_single_layers": single})
-    transformer.to(torch.bfloat16).save_pretrained(path / "transformer",
-                                                   max_shard_size=_HUB_SHARD_SIZE["transformer"])
+    _bf16(transformer).save_pretrained(path / "transformer", max_shard_size=_HUB_SHARD_SIZE["transformer"])
     if not real.is_klein:
         # dev's published config has no guidance_embeds key: diffusers' default (True) applies
         config_path = path / "transformer" / "config.json"
         config = json.loads(config_path.read_text())
         assert config.pop("guidance_embeds") is True
         _write_json(config_path, config)
-    _vae(seed).to(torch.bfloat16).save_pretrained(path / "vae")
+    _bf16(_vae(seed)).save_pretrained(path / "vae")
     FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
 
     tokenizer = _qwen3_tokenizer() if real.is_klein else _mistral_tokenizer()
