@@ -290,7 +290,8 @@ def test_distilled_klein_is_recognised(hub):
     assert is_distilled(params(hub["klein-4b-distilled"], "klein-4b"))
     assert not is_distilled(params(hub["klein-4b"], "klein-4b"))
     # the published ids need no download to be recognised
-    assert is_distilled(ModelParams(model_flavour="klein-9b", pretrained_model_name_or_path="black-forest-labs/FLUX.2-klein-9B"))
+    assert is_distilled(ModelParams(model_flavour="klein-9b",
+                                    pretrained_model_name_or_path="black-forest-labs/FLUX.2-klein-9B"))
     with pytest.raises(ValueError, match="black-forest-labs/FLUX.2-klein-base-9B"):
         check_not_distilled(ModelParams(model_flavour="klein-9b",
                                         pretrained_model_name_or_path="black-forest-labs/FLUX.2-klein-9B"))
@@ -307,8 +308,8 @@ def test_distilled_repo_is_refused_for_training_and_allow_distilled_trains(hub, 
 
     root = make_project(tmp_path / "project", git=False)
     model = shutil.copytree(hub["klein-4b-distilled"], root / "models" / "FLUX.2-klein-4B")
-    set_params(root, **{"model.model_flavour": "klein-4b", "model.pretrained_model_name_or_path": "models/FLUX.2-klein-4B",
-                        "train.max_train_steps": 2})
+    set_params(root, **{"model.model_flavour": "klein-4b",
+                        "model.pretrained_model_name_or_path": "models/FLUX.2-klein-4B", "train.max_train_steps": 2})
     run_stage("prepare", root / "params.yaml")
     with pytest.raises(ValueError, match="step-distilled.*FLUX.2-klein-base-4B"):
         run_stage("encode-latents", root / "params.yaml")

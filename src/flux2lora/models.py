@@ -75,7 +75,8 @@ def tokenizer_source(model: ModelParams) -> Source:
     if model.pretrained_tokenizer_name_or_path:
         return Source(model.pretrained_tokenizer_name_or_path, model.tokenizer_subfolder or "",
                       model.tokenizer_revision)
-    return Source(model.model_path, model.tokenizer_subfolder or "tokenizer", model.tokenizer_revision or model.revision)
+    return Source(model.model_path, model.tokenizer_subfolder or "tokenizer",
+                  model.tokenizer_revision or model.revision)
 
 
 def optional_file(source: Source, filename: str) -> Path | None:

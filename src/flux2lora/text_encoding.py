@@ -125,7 +125,7 @@ class PromptTokenizer:
                 add_generation_prompt=False, tokenize=False)
             # The processor adds no special tokens when the template already wrote BOS (ProcessorMixin)
             bos = self.tokenizer.bos_token
-            add_special = not (bos is not None and texts[0].startswith(bos))
+            add_special = not (bos is not None and texts and texts[0].startswith(bos))
             return self.tokenizer(texts, add_special_tokens=add_special, **padding)
         texts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], chat_template=self.chat_template,
                                                     tokenize=False, add_generation_prompt=True, enable_thinking=False)

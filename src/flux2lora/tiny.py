@@ -416,7 +416,8 @@ _PIXTRAL_PROCESSOR_CONFIG = {
 _PIXTRAL_PREPROCESSOR_CONFIG = {
     "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
     "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "PixtralImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": {"height": _PIXTRAL_PATCH, "width": _PIXTRAL_PATCH},
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": {"height": _PIXTRAL_PATCH, "width": _PIXTRAL_PATCH},
     "processor_class": "PixtralProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
     "size": {"longest_edge": 1540},
 }
