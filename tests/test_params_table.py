@@ -33,6 +33,12 @@ EXAMPLES: dict[str, typing.Any] = {
     "model.pretrained_model_name_or_path": "models/tiny-klein-4b/",  # the same folder, written differently
     "model.revision": "main",
     "model.device": "cpu",
+    "model.pretrained_text_encoder_name_or_path": "models/tiny-klein-4b",
+    "model.text_encoder_subfolder": "text_encoder",
+    "model.text_encoder_revision": "main",
+    "model.pretrained_tokenizer_name_or_path": "models/tiny-klein-4b",
+    "model.tokenizer_subfolder": "tokenizer",
+    "model.tokenizer_revision": "main",
     "prepare.data_root": "data/",
     "prepare.instance_data_dir": "data/demo/",
     "prepare.datasets": [{"id": "demo", "instance_data_dir": "data/demo"}],

@@ -63,15 +63,21 @@ def _launch_if_distributed(name: str, params_path: Path) -> dict | None:
 @app.command("make-tiny-model")
 def make_tiny_model_cmd(path: Path = typer.Argument(..., help="folder to write the pipeline into"),
                         flavour: str = typer.Option("klein-4b", help="klein-4b | klein-9b | dev"),
-                        seed: int = typer.Option(0, help="weights are a pure function of the seed")):
-    """Write a random-weight FLUX.2 pipeline folder (diffusers layout) built offline, for tests and demos."""
+                        seed: int = typer.Option(0, help="weights are a pure function of the seed"),
+                        layout: str = typer.Option("diffusers", help="diffusers: the tiny flavour (4 text layers); "
+                                                   "hub: the real repo's layout and depth at tiny width (train it "
+                                                   "as the real flavour); mistral-small: dev's text encoder repo"),
+                        distilled: bool = typer.Option(False, help="klein: a step-distilled repo (is_distilled)"),
+                        text_encoder_keys: str = typer.Option("legacy", help="dev: legacy | transformers5 key names")):
+    """Write a random-weight FLUX.2 pipeline folder built offline, for tests and demos."""
     from .tiny import make_tiny_model
 
     try:
-        out = make_tiny_model(path, flavour=flavour, seed=seed)
+        out = make_tiny_model(path, flavour=flavour, seed=seed, layout=layout, distilled=distilled,
+                              text_encoder_keys=text_encoder_keys)
     except ValueError as e:
         _fail(str(e))
-    typer.echo(f"tiny {flavour} pipeline written to {out}")
+    typer.echo(f"tiny {flavour} pipeline ({layout} layout) written to {out}")
 
 
 @app.command("demo-data")

@@ -35,6 +35,16 @@ class ModelParams(Section):
     # Precision the frozen models run in while caching, training and validating.
     base_model_default_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     device: str = "auto"  # "auto": cuda when available, else cpu
+    # Where the text encoder and its tokenizer come from. None: the base model's text_encoder/ and tokenizer/. dev's
+    # encoder may come from mistralai/Mistral-Small-3.1-24B-Instruct-2503 (its own layout: weights at the repo root).
+    pretrained_text_encoder_name_or_path: str | None = None
+    text_encoder_subfolder: str | None = None  # None: "text_encoder" in the base model, the root of another repo
+    text_encoder_revision: str | None = None  # None: `revision` in the base model, the default branch elsewhere
+    pretrained_tokenizer_name_or_path: str | None = None
+    tokenizer_subfolder: str | None = None  # None: "tokenizer" in the base model, the root of another repo
+    tokenizer_revision: str | None = None
+    # Train on a step-distilled klein repo anyway (refused by default: LoRAs trained on them come out gray).
+    allow_distilled: bool = False
     # The folder relative model paths are read from (the project root); set by load_params, never stored.
     _project_root: Path | None = PrivateAttr(None)
 
@@ -58,8 +68,22 @@ class ModelParams(Section):
     def model_path(self) -> str:
         """Where to load the base model from: `model_id`, with a relative local folder resolved against the project
         root."""
-        path = self.model_id
-        if self._project_root is not None and not Path(path).is_absolute() and (self._project_root / path).is_dir():
+        return self.local_or_hub(self.model_id)
+
+    @property
+    def text_encoder_path(self) -> str | None:
+        """`pretrained_text_encoder_name_or_path`, resolved as `model_path` is (None: the base model's)."""
+        return self.local_or_hub(self.pretrained_text_encoder_name_or_path)
+
+    @property
+    def tokenizer_path(self) -> str | None:
+        """`pretrained_tokenizer_name_or_path`, resolved as `model_path` is (None: the base model's)."""
+        return self.local_or_hub(self.pretrained_tokenizer_name_or_path)
+
+    def local_or_hub(self, path: str | None) -> str | None:
+        """A folder relative to the project root made absolute when it exists there; hub ids unchanged."""
+        if path and self._project_root is not None and not Path(path).is_absolute() \
+                and (self._project_root / path).is_dir():
             return str(self._project_root / path)
         return path
 
@@ -477,7 +501,7 @@ def read_raw_params(path: str | Path) -> dict[str, Any]:
 def load_params(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> Params:
     """Read and validate `params.yaml` (plus dotted-key overrides).
 
-    A relative local model folder (`models/tiny-klein-4b`) is loaded from the params file's folder
+    A relative local model folder (`models/tiny-klein-4b`; also a separate text encoder's or tokenizer's) is loaded from the params file's folder
     (`ModelParams.model_path`), so stages behave the same whatever the working directory, while the params keep the
     path as written (nothing stored depends on where the project lies).
     """

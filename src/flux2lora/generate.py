@@ -3,7 +3,13 @@
 The base model and flavour are read from the LoRA file's metadata (`flux2lora.base_model`, `flux2lora.revision`,
 `flux2lora.flavour`, written by the train stage into both the diffusers and the BFL file), so
 `flux2lora generate --lora FILE --prompt ...` needs nothing else; `model_path` / `flavour` override them (and are
-required for LoRA files from other trainers). Unlike validation, this loads the text encoder: prompts are free text.
+required for LoRA files from other trainers). Unlike validation, this encodes the prompt: prompts are free text.
+
+It fits the GPU the model card sends users to: the prompt is encoded first with our `PromptEncoder` (tokenizer
+checked before any weight, dev without torchvision, the encoder cut after its deepest stacked layer and freed
+before the pipeline loads), then the pipeline without its text encoder is placed where it fits
+(`models.place_pipeline`: on the device, model CPU offload, or group offload). One log line says model, flavour,
+device, dtype and LoRA scale; a progress bar follows the denoising steps.
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .config import ModelParams
 from .flavours import Flavour, get_flavour
-from .models import DTYPES, resolve_device
+from .models import DTYPES, GENERATION_HEADROOM_BYTES, gpu_memory_bytes as device_memory_bytes, place_pipeline, \
+    resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +53,76 @@ def base_model_of(lora: Path | None, model_path: str | None = None, flavour: str
     return BaseModel(path=path, revision=None if rev in (None, "", "main") else rev, flavour=get_flavour(name))
 
 
-def load_pipeline(base: BaseModel, device: torch.device, dtype: torch.dtype):
-    """The flavour's full diffusers pipeline (text encoder included) on `device`."""
+def load_pipeline(base: BaseModel, dtype: torch.dtype):
+    """The flavour's diffusers pipeline without its text encoder and tokenizer, in CPU memory (placed later)."""
     import diffusers
 
-    pipe = getattr(diffusers, base.flavour.pipeline_class).from_pretrained(base.path, revision=base.revision,
-                                                                           dtype=dtype)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return getattr(diffusers, base.flavour.pipeline_class).from_pretrained(
+        base.path, revision=base.revision, dtype=dtype, text_encoder=None, tokenizer=None)
+
+
+def encode_prompts(model: ModelParams, prompts: list[str], device: torch.device,
+                   gpu_bytes: int | None) -> list[torch.Tensor]:
+    """Prompt embeddings (1, 512, 3*D) per prompt, equal to the pipeline's `encode_prompt`; the encoder is group
+    offloaded when it does not fit the GPU, and freed before returning."""
+    import gc
+
+    from .text_encoding import PromptEncoder
+
+    encoder = PromptEncoder.from_pretrained(model, device=torch.device("cpu"))
+    if device.type != "cpu":
+        fits = gpu_bytes is None or encoder.parameter_bytes() + GENERATION_HEADROOM_BYTES <= gpu_bytes
+        encoder.move_to(device, group_offload=not fits)
+    embeds = [encoder.encode([p]) for p in prompts]
+    del encoder
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return embeds
 
 
 def generate(prompt: str, lora: Path | None = None, *, scale: float = 1.0, seed: int = 0, width: int = 1024,
              height: int = 1024, num_inference_steps: int = 50, guidance: float = 4.0, negative_prompt: str = "",
              model_path: str | None = None, flavour: str | None = None, revision: str | None = None,
-             device: str = "auto", dtype: str | None = None) -> Image.Image:
+             device: str = "auto", dtype: str | None = None, text_encoder_path: str | None = None,
+             text_encoder_subfolder: str | None = None, gpu_memory_bytes: int | None = None,
+             placement: str | None = None) -> Image.Image:
     """One image for `prompt` with the LoRA at strength `scale` (lora=None: the base model alone).
 
-    `guidance`: dev's distilled guidance; klein base's true CFG scale (against `negative_prompt`). The seed fixes the
-    initial noise (a CPU generator: the same image on every device). `dtype`: "bf16" | "fp16" | "fp32"; default
-    bf16 on GPUs, fp32 on CPUs.
+    `guidance`: dev's distilled guidance; klein base's true CFG scale (against `negative_prompt`, default the empty
+    prompt, as the pipeline does). The seed fixes the initial noise (a CPU generator: the same image on every device).
+    `dtype`: "bf16" | "fp16" | "fp32"; default bf16 on GPUs, fp32 on CPUs. text_encoder_path / _subfolder: dev's
+    encoder from another repo (e.g. mistralai/Mistral-Small-3.1-24B-Instruct-2503). gpu_memory_bytes: the GPU's
+    size for placement decisions (default: the device's; a test can claim a small GPU). placement: force
+    "device" | "model_cpu_offload" | "group_offload" (default: what fits).
     """
     base = base_model_of(lora, model_path, flavour, revision)
+    if negative_prompt and not base.flavour.is_klein:
+        raise ValueError("generate: dev uses distilled guidance and takes no negative prompt")
     target = resolve_device(device)
-    torch_dtype = DTYPES[dtype or ("bf16" if target.type == "cuda" else "fp32")]
-    pipe = load_pipeline(base, target, torch_dtype)
-    layers = base.flavour.stacked_layers
-    kwargs = dict(width=width, height=height, num_inference_steps=num_inference_steps, guidance_scale=guidance,
-                  generator=torch.Generator("cpu").manual_seed(seed), text_encoder_out_layers=layers)
-    if negative_prompt:
-        if not base.flavour.is_klein:
-            raise ValueError("generate: dev uses distilled guidance and takes no negative prompt")
-        kwargs["negative_prompt_embeds"] = pipe.encode_prompt(prompt=negative_prompt, device=target,
-                                                              text_encoder_out_layers=layers)[0]
+    dtype_name = dtype or ("bf16" if target.type == "cuda" else "fp32")
+    torch_dtype = DTYPES[dtype_name]
+    gpu_bytes = gpu_memory_bytes if gpu_memory_bytes is not None else device_memory_bytes(target)
+    log.info("generate: model %s, flavour %s, device %s, dtype %s, LoRA %s at scale %g", base.path, base.flavour.name,
+             target, dtype_name, lora.name if lora is not None else "none", scale)
+    model = ModelParams(model_flavour=base.flavour.name, pretrained_model_name_or_path=base.path,
+                        revision=base.revision, base_model_default_dtype=dtype_name,
+                        pretrained_text_encoder_name_or_path=text_encoder_path,
+                        text_encoder_subfolder=text_encoder_subfolder)
+    prompts = [prompt, negative_prompt] if base.flavour.is_klein else [prompt]
+    embeds = encode_prompts(model, prompts, target, gpu_bytes)
+
+    pipe = load_pipeline(base, torch_dtype)
     if lora is not None:
         lora = Path(lora)
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")
         pipe.set_adapters(["lora"], adapter_weights=[scale])
         pipe.transformer.eval()  # peft adds the adapter's layers (and their dropout) in train mode
+    place_pipeline(pipe, target, gpu_bytes, placement)
+    pipe.set_progress_bar_config(desc=f"generate {width}x{height}")
+    kwargs = dict(width=width, height=height, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+                  generator=torch.Generator("cpu").manual_seed(seed), prompt_embeds=embeds[0].to(torch_dtype))
+    if base.flavour.is_klein:
+        kwargs["negative_prompt_embeds"] = embeds[1].to(torch_dtype)
     with torch.inference_mode():
-        return pipe(prompt=prompt, **kwargs).images[0]
+        return pipe(**kwargs).images[0]

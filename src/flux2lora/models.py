@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import ModelParams
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -39,10 +43,70 @@ def _common(model: ModelParams) -> dict:
     return dict(revision=model.revision, dtype=torch_dtype(model.base_model_default_dtype))
 
 
-def load_text_pipeline(model: ModelParams, device: torch.device):
-    """The flavour's pipeline with only tokenizer + text encoder loaded (its `encode_prompt` is the reference)."""
-    pipe = pipeline_class(model).from_pretrained(model.model_path, transformer=None, vae=None, **_common(model))
-    pipe.text_encoder.to(device)
+@dataclass(frozen=True)
+class Source:
+    """Where one component's files are: a hub id or local folder, the subfolder in it ("" = its root), a revision."""
+
+    path: str
+    subfolder: str
+    revision: str | None
+
+    def __str__(self) -> str:
+        where = f"{self.path}/{self.subfolder}" if self.subfolder else self.path
+        return f"{where}@{self.revision}" if self.revision else where
+
+    def kwargs(self) -> dict:
+        return dict(subfolder=self.subfolder, revision=self.revision)
+
+
+def text_encoder_source(model: ModelParams) -> Source:
+    """The text encoder's files: `model.pretrained_text_encoder_name_or_path` (root unless `text_encoder_subfolder`)
+    or the base model's text_encoder/."""
+    if model.pretrained_text_encoder_name_or_path:
+        return Source(model.text_encoder_path, model.text_encoder_subfolder or "",
+                      model.text_encoder_revision)
+    return Source(model.model_path, model.text_encoder_subfolder or "text_encoder",
+                  model.text_encoder_revision or model.revision)
+
+
+def tokenizer_source(model: ModelParams) -> Source:
+    """The tokenizer's files: `model.pretrained_tokenizer_name_or_path` (root unless `tokenizer_subfolder`) or the
+    base model's tokenizer/."""
+    if model.pretrained_tokenizer_name_or_path:
+        return Source(model.tokenizer_path, model.tokenizer_subfolder or "",
+                      model.tokenizer_revision)
+    return Source(model.model_path, model.tokenizer_subfolder or "tokenizer",
+                  model.tokenizer_revision or model.revision)
+
+
+def optional_file(source: Source, filename: str) -> Path | None:
+    """`filename` in `source` (a local folder, or the hub through huggingface_hub's cache), None when absent."""
+    from transformers.utils import cached_file
+
+    resolved = cached_file(source.path, filename, subfolder=source.subfolder, revision=source.revision,
+                           _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    return Path(resolved) if resolved else None
+
+
+def load_text_pipeline(model: ModelParams, device: torch.device, tokenizer=None):
+    """The flavour's diffusers pipeline with only its tokenizer and full text encoder (every layer; the vision tower
+    for dev), from `text_encoder_source` / `tokenizer_source`: its `encode_prompt` is the reference for ours.
+
+    tokenizer: default AutoTokenizer on the tokenizer folder. dev's is a PixtralProcessor, which transformers 5
+    builds only with torchvision: pass a processor (or an equivalent) for dev."""
+    import transformers
+
+    src = text_encoder_source(model)
+    text_encoder = getattr(transformers, model.flavour.text_encoder_class).from_pretrained(
+        src.path, **src.kwargs(), dtype=torch_dtype(model.base_model_default_dtype)).eval()
+    if tokenizer is None:
+        tok = tokenizer_source(model)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tok.path, **tok.kwargs())
+    # Built from its components rather than from_pretrained: diffusers checks each passed component against
+    # model_index.json's class, and PixtralProcessor without torchvision is a placeholder that check rejects.
+    pipe = pipeline_class(model)(scheduler=None, vae=None, text_encoder=text_encoder.to(device), tokenizer=tokenizer,
+                                 transformer=None)
     return pipe
 
 
@@ -76,33 +140,156 @@ def load_generation_pipeline(model: ModelParams, device: torch.device, with_text
     return pipe
 
 
+# What generation needs on the GPU beyond the weights it holds at once: activations at 1024x1024 (a few GiB for dev's
+# 8+48 blocks in bf16), the CUDA context (~0.5 GiB) and the caching allocator's reserve. An estimate, not a
+# measurement: issue 11's planner work calibrates headroom on the anchors.
+GENERATION_HEADROOM_BYTES = 6 * 2**30
+PLACEMENTS = ("device", "model_cpu_offload", "group_offload")
+
+
+def gpu_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of `device` if it is a CUDA GPU (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def choose_placement(component_bytes: dict[str, int], gpu_bytes: int | None,
+                     headroom: int = GENERATION_HEADROOM_BYTES) -> str:
+    """Where a generation pipeline's weights live while it runs.
+
+    "device": everything on the device (it fits, or there is no GPU: gpu_bytes None). "model_cpu_offload": each
+    component moves to the GPU while it runs (the largest one fits alone). "group_offload": the transformer's blocks
+    move one at a time (not even the largest component fits)."""
+    if gpu_bytes is None or sum(component_bytes.values()) + headroom <= gpu_bytes:
+        return "device"
+    if max(component_bytes.values()) + headroom <= gpu_bytes:
+        return "model_cpu_offload"
+    return "group_offload"
+
+
+def place_pipeline(pipe, device: torch.device, gpu_bytes: int | None = None, placement: str | None = None) -> str:
+    """Put a pipeline loaded in CPU memory where it fits (`choose_placement`) and return the placement chosen.
+
+    gpu_bytes: the GPU's memory (default: the device's total memory; injectable so a CPU test can say "the GPU is
+    smaller than the pipeline"). Group offload stays on the CPU device too (the hooks then copy nothing, and a test
+    shows the hooks produce the same image). Call after loading LoRAs: offload hooks move only the weights that
+    exist when they are installed."""
+    components = {name: parameter_bytes(module) for name, module in pipe.components.items()
+                  if isinstance(module, torch.nn.Module)}
+    if gpu_bytes is None:
+        gpu_bytes = gpu_memory_bytes(device)
+    placement = placement or choose_placement(components, gpu_bytes)
+    if placement == "device":
+        pipe.to(device)
+    elif placement == "model_cpu_offload":
+        pipe.enable_model_cpu_offload(device=device)
+    elif placement == "group_offload":
+        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1,
+                                  use_stream=device.type == "cuda")
+    else:
+        raise ValueError(f"placement {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    log.info("pipeline placement: %s (weights %.2f GiB, GPU %s)", placement, sum(components.values()) / 2**30,
+             "none" if gpu_bytes is None else f"{gpu_bytes / 2**30:.1f} GiB")
+    return placement
+
+
 def component_identity(model: ModelParams, component: str) -> str:
     """A short string that changes whenever the weights of `component` change, for cache keys.
 
     Hub ids: repo + revision + component. Local folders: the component's config plus the size and first MiB of each
     weight file (different random seeds or fine-tunes differ there; hashing whole multi-GB files would cost minutes).
     """
-    local = Path(model.model_path)
+    if component == "text_encoder" and (model.pretrained_text_encoder_name_or_path or model.text_encoder_subfolder
+                                        or model.text_encoder_revision or model.pretrained_tokenizer_name_or_path
+                                        or model.tokenizer_subfolder or model.tokenizer_revision):
+        # the text encoder or tokenizer come from elsewhere: both shape the embeddings
+        return f"{_source_identity(text_encoder_source(model))}+tokenizer:{_source_identity(tokenizer_source(model))}"
+    return _source_identity(Source(model.model_path, component, model.revision), component)
+
+
+def _source_identity(source: Source, label: str | None = None) -> str:
+    local = Path(source.path)
     if not local.is_dir():
-        return f"{model.model_path}@{model.revision or 'main'}/{component}"
-    folder = local / component
+        if label is not None:  # the historical form for base model components (keeps existing cache keys)
+            return f"{source.path}@{source.revision or 'main'}/{label}"
+        return f"{source.path}@{source.revision or 'main'}/{source.subfolder}"
+    folder = local / source.subfolder if source.subfolder else local
     h = hashlib.sha256()
     for path in sorted(folder.glob("*")):
-        if path.suffix in (".json", ".safetensors", ".bin"):
+        if path.suffix in (".json", ".safetensors", ".bin", ".txt", ".jinja"):
             h.update(path.name.encode())
             h.update(str(path.stat().st_size).encode())
             with open(path, "rb") as f:
                 h.update(f.read(1 << 20))
-    return f"local:{component}:{h.hexdigest()[:16]}"
+    return f"local:{label or source.subfolder or 'root'}:{h.hexdigest()[:16]}"
 
 
 def describe_model(model: ModelParams) -> dict:
-    """The base model's identity for metadata and model cards."""
+    """The base model's identity for metadata and model cards.
+
+    A step-distilled klein base trained on with `model.allow_distilled` adds "distilled": "true" and
+    "distilled_warning" (a sentence for the model card); a separate text encoder adds "text_encoder"."""
     info = {"base_model": model.model_id, "revision": model.revision or "main", "flavour": model.model_flavour}
     tiny_marker = Path(model.model_path) / "flux2lora_tiny.json"
     if tiny_marker.exists():
         info["tiny"] = json.loads(tiny_marker.read_text())
+    if model.pretrained_text_encoder_name_or_path:
+        info["text_encoder"] = model.pretrained_text_encoder_name_or_path  # as written: no local absolute path
+    if model.flavour.is_klein and is_distilled(model):
+        info["distilled"] = "true"
+        info["distilled_warning"] = (
+            f"Trained on the step-distilled {model.model_id} (model.allow_distilled): LoRAs trained on distilled "
+            f"klein often come out gray or need strength 1.5-2; {base_repo_for(model)} is the base repo to train on.")
     return info
+
+
+# The step-distilled klein repos (4-step inference, no CFG) and the undistilled base repos LoRAs are trained on.
+DISTILLED_REPOS = {
+    "black-forest-labs/FLUX.2-klein-4B": "black-forest-labs/FLUX.2-klein-base-4B",
+    "black-forest-labs/FLUX.2-klein-9B": "black-forest-labs/FLUX.2-klein-base-9B",
+}
+
+
+def model_index(model: ModelParams) -> dict | None:
+    """The base model's model_index.json (None if it cannot be read: not downloaded and offline)."""
+    path = optional_file(Source(model.model_path, "", model.revision), "model_index.json")
+    return json.loads(path.read_text()) if path is not None else None
+
+
+def is_distilled(model: ModelParams) -> bool:
+    """Whether the base model is a step-distilled klein repo: a known id, or `is_distilled: true` in its
+    model_index.json."""
+    if model.model_path.rstrip("/") in DISTILLED_REPOS:
+        return True
+    index = model_index(model) or {}
+    return bool(index.get("is_distilled", False))
+
+
+def base_repo_for(model: ModelParams) -> str:
+    """The undistilled base repo of the model's flavour (the real flavour's for tiny-*)."""
+    from .flavours import get_flavour
+
+    return DISTILLED_REPOS.get(model.model_path.rstrip("/")) or \
+        get_flavour(model.model_flavour.removeprefix("tiny-")).default_repo
+
+
+def check_not_distilled(model: ModelParams) -> None:
+    """Refuse to train (or cache for training) on a step-distilled klein repo unless `model.allow_distilled`.
+
+    Raises ValueError naming the base repo to use; with allow_distilled it logs a warning and returns."""
+    if not model.flavour.is_klein or not is_distilled(model):
+        return
+    if model.allow_distilled:
+        log.warning("model.allow_distilled: training on the step-distilled %s; LoRAs trained on distilled klein "
+                    "often come out gray or need strength 1.5-2 (the base repo is %s)", model.model_path,
+                    base_repo_for(model))
+        return
+    raise ValueError(
+        f"model.pretrained_model_name_or_path: {model.model_path} is a step-distilled klein repo (is_distilled in "
+        f"its model_index.json): LoRAs trained on it come out gray or need strength 1.5-2. Train on the base repo "
+        f"{base_repo_for(model)} instead, or set model.allow_distilled: true to train on it anyway")
 
 
 QUANTO_PRECISIONS = {"int8-quanto": "qint8", "int4-quanto": "qint4"}
@@ -150,6 +337,7 @@ def load_training_transformer(model: ModelParams, device: torch.device, base_mod
     if precision is not None and precision not in BASE_PRECISIONS:
         raise ValueError(f"train.base_model_precision: {base_model_precision!r} is not supported; choose one of "
                          f"{', '.join(BASE_PRECISIONS)}")
+    check_not_distilled(model)
     on_cpu_first = offload_during_startup or group_offload is not None or quantize_via == "cpu"
     staging = torch.device("cpu") if on_cpu_first else device
     transformer = load_transformer(model, staging).requires_grad_(False)

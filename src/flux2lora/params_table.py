@@ -43,6 +43,7 @@ PUBLISHES = "publishes"  # where the finished LoRA goes: an input of publish onl
 
 # The base model is read by every stage after prepare (the model card and the BFL export read it too).
 _MODEL = Computes("encode-text", "encode-latents", "train", "validate", "publish")
+_TEXT_SOURCE = Computes("encode-text", "train")
 _PREPARE = Computes("prepare")
 _TEXT = Computes("encode-text")
 _LATENTS = Computes("encode-latents")
@@ -58,6 +59,15 @@ TABLE: dict[str, Computes | str] = {
     "model.revision": _MODEL,
     "model.base_model_default_dtype": _MODEL,
     "model.device": RUNS,
+    # a separate text encoder / tokenizer (dev's from Mistral-Small's repo): the embeddings, and the LoRA's metadata
+    "model.pretrained_text_encoder_name_or_path": _TEXT_SOURCE,
+    "model.text_encoder_subfolder": _TEXT_SOURCE,
+    "model.text_encoder_revision": _TEXT_SOURCE,
+    "model.pretrained_tokenizer_name_or_path": _TEXT_SOURCE,
+    "model.tokenizer_subfolder": _TEXT_SOURCE,
+    "model.tokenizer_revision": _TEXT_SOURCE,
+    # the distilled-klein guard: whether the caching and training stages run at all, and the model card's warning
+    "model.allow_distilled": Computes("encode-text", "encode-latents", "train"),
 
     "prepare.data_root": _PREPARE,
     "prepare.instance_data_dir": _PREPARE,

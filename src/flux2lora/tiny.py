@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .flavours import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS, Flavour, tiny_flavour_for
+from .flavours import TINY_TEXT_HIDDEN, TINY_TEXT_LAYERS, Flavour, get_flavour, tiny_flavour_for
 
 # A few hundred words of plain English about pictures: enough for a BPE of 1000 tokens whose merges look like a
 # real tokenizer's (whole common words, sub-words for rare ones), so prompts tokenize to realistic lengths.
@@ -261,20 +261,21 @@ def _vae(seed: int):
     return vae
 
 
-def _qwen3_text_encoder(vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int):
+def _qwen3_text_encoder(vocab_size: int, pad_token_id: int, eos_token_id: int, seed: int,
+                        num_layers: int = TINY_TEXT_LAYERS, tie_word_embeddings: bool = True):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=TINY_TEXT_HIDDEN,
         intermediate_size=2 * TINY_TEXT_HIDDEN,
-        num_hidden_layers=TINY_TEXT_LAYERS,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
         max_position_embeddings=40960,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
         pad_token_id=pad_token_id,
         bos_token_id=None,
         eos_token_id=eos_token_id,
@@ -283,14 +284,15 @@ def _qwen3_text_encoder(vocab_size: int, pad_token_id: int, eos_token_id: int, s
         return Qwen3ForCausalLM(config).eval()
 
 
-def _mistral3_text_encoder(tokenizer, seed: int):
+def _mistral3_text_encoder(tokenizer, seed: int, num_layers: int = TINY_TEXT_LAYERS,
+                           tie_word_embeddings: bool = True, vision_patch_size: int = 16):
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     text_config = MistralConfig(
         vocab_size=len(tokenizer),
         hidden_size=TINY_TEXT_HIDDEN,
         intermediate_size=2 * TINY_TEXT_HIDDEN,
-        num_hidden_layers=TINY_TEXT_LAYERS,
+        num_hidden_layers=num_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=8,
@@ -300,6 +302,7 @@ def _mistral3_text_encoder(tokenizer, seed: int):
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
     )
     # The vision tower is never run by the FLUX.2 pipeline but is part of the real checkpoint: keep it, minimal.
     vision_config = PixtralVisionConfig(
@@ -307,34 +310,63 @@ def _mistral3_text_encoder(tokenizer, seed: int):
         intermediate_size=16,
         num_hidden_layers=1,
         num_attention_heads=1,
-        image_size=64,
-        patch_size=16,
+        image_size=4 * vision_patch_size,
+        patch_size=vision_patch_size,
     )
     config = Mistral3Config(
         text_config=text_config,
         vision_config=vision_config,
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with _seeded(seed, "text_encoder"):
         return Mistral3ForConditionalGeneration(config).eval()
 
 
-def make_tiny_model(path: str | Path, flavour: str = "tiny-klein-4b", seed: int = 0) -> Path:
+LAYOUTS = ("diffusers", "hub", "mistral-small")
+TEXT_ENCODER_KEY_LAYOUTS = ("legacy", "transformers5")
+
+
+def make_tiny_model(path: str | Path, flavour: str = "tiny-klein-4b", seed: int = 0, layout: str = "diffusers",
+                    distilled: bool = False, text_encoder_keys: str = "legacy") -> Path:
     """Write a random-weight FLUX.2 pipeline of `flavour`'s architecture to `path` and return the path.
 
-    `flavour` is a tiny flavour name ("tiny-klein-4b", "tiny-klein-9b", "tiny-dev") or a real one ("klein-4b", ...),
-    which maps to its tiny sibling. The folder has the diffusers layout (model_index.json, transformer/, vae/,
-    text_encoder/, tokenizer/, scheduler/) and loads offline with `Flux2KleinPipeline.from_pretrained` (klein,
-    undistilled: classifier-free guidance on) or `Flux2Pipeline.from_pretrained` (dev). The same flavour and seed
-    give byte-identical files. `flux2lora_tiny.json` in the folder records both.
+    `flavour` is a tiny flavour name ("tiny-klein-4b", "tiny-klein-9b", "tiny-dev") or a real one ("klein-4b", ...).
+
+    layout="diffusers" (default): the tiny flavour's architecture (4 text layers, stacked (1, 2, 3)) in the layout
+    `save_pretrained` writes (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/, one
+    weight file each); loads offline with `Flux2KleinPipeline.from_pretrained` (klein, undistilled: classifier-free
+    guidance on) or `Flux2Pipeline.from_pretrained` (dev). `flux2lora_tiny.json` records flavour and seed.
+
+    layout="hub": the real repo's layout and depth at tiny width (`make_hub_model`): train and encode it with the
+    real flavour name. layout="mistral-small": dev's text encoder repo `mistralai/Mistral-Small-3.1-24B-Instruct-2503`
+    (`make_mistral_small_repo`).
+
+    distilled: klein only, `is_distilled: true` in model_index.json (the step-distilled repos).
+    text_encoder_keys: dev's text encoder weights in the legacy key layout (`language_model.model.*`, what the
+    published checkpoints and `save_pretrained` write) or transformers 5's module names (`model.language_model.*`).
+    The same arguments give byte-identical files.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"make-tiny-model: layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if text_encoder_keys not in TEXT_ENCODER_KEY_LAYOUTS:
+        raise ValueError(f"make-tiny-model: text_encoder_keys {text_encoder_keys!r} is not one of "
+                         f"{', '.join(TEXT_ENCODER_KEY_LAYOUTS)}")
+    tiny = tiny_flavour_for(flavour)
+    if distilled and not tiny.is_klein:
+        raise ValueError("make-tiny-model: only klein has step-distilled repos (distilled=True needs klein-4b or "
+                         "klein-9b)")
+    if layout == "hub":
+        return make_hub_model(path, flavour, seed, distilled=distilled, text_encoder_keys=text_encoder_keys)
+    if layout == "mistral-small":
+        if tiny.is_klein:
+            raise ValueError("make-tiny-model: the mistral-small layout is dev's text encoder; use --flavour dev")
+        return make_mistral_small_repo(path, seed, text_encoder_keys=text_encoder_keys)
+
     from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Pipeline
 
-    tiny = tiny_flavour_for(flavour)
     path = Path(path)
-
     if tiny.is_klein:
         tokenizer = _qwen3_tokenizer()
         text_encoder = _qwen3_text_encoder(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, seed)
@@ -349,9 +381,193 @@ def make_tiny_model(path: str | Path, flavour: str = "tiny-klein-4b", seed: int 
         transformer=_transformer(tiny, seed),
     )
     if tiny.is_klein:
-        pipe = Flux2KleinPipeline(**components, is_distilled=False)
+        pipe = Flux2KleinPipeline(**components, is_distilled=distilled)
     else:
         pipe = Flux2Pipeline(**components)
     pipe.save_pretrained(path, safe_serialization=True)
     (path / "flux2lora_tiny.json").write_text(json.dumps({"flavour": tiny.name, "seed": seed}, indent=2) + "\n")
+    return path
+
+
+# --- The real hub repos' layouts, at tiny width ----------------------------------------------------------------
+#
+# What `black-forest-labs/FLUX.2-klein-base-4B` / `-9B`, `FLUX.2-klein-4B` / `-9B` (step-distilled),
+# `FLUX.2-dev` and `mistralai/Mistral-Small-3.1-24B-Instruct-2503` look like once downloaded
+# (shared/reference/real-repo-layouts.md): the real class names in model_index.json, bf16 weights sharded with an
+# index json, the real depth (36 / 40 text layers, 5+20 / 8+24 / 8+48 transformer blocks), klein-4b's tied and
+# klein-9b's and dev's untied LM head, dev's PixtralProcessor tokenizer folder, dev's transformer config without a
+# `guidance_embeds` key. Only widths are tiny (text hidden 16, transformer 2 heads of 16), so the real flavours'
+# stacked layers (9, 18, 27) / (10, 20, 30) apply: params name the real flavour ("klein-4b"), not "tiny-klein-4b".
+
+# (double blocks, single blocks) of the real transformers
+HUB_TRANSFORMER_BLOCKS = {"klein-4b": (5, 20), "klein-9b": (8, 24), "dev": (8, 48)}
+# Small shards, so every folder has several (the real ones have 2..10) and an index json.
+_HUB_SHARD_SIZE = {"transformer": "600KB", "text_encoder": "100KB"}
+# Qwen3's config vocab (151936) is padded past its tokenizer (151669 tokens), as here.
+_QWEN3_VOCAB_MULTIPLE = 128
+_PIXTRAL_PATCH = 14
+
+# The text of dev's processor files (patch size and merge as in the real repo; the image processor never runs for
+# text: FLUX.2 sends no images to the text encoder).
+_PIXTRAL_PROCESSOR_CONFIG = {
+    "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]", "image_token": "[IMG]",
+    "patch_size": _PIXTRAL_PATCH, "processor_class": "PixtralProcessor", "spatial_merge_size": 2,
+}
+_PIXTRAL_PREPROCESSOR_CONFIG = {
+    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_processor_type": "PixtralImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "patch_size": {"height": _PIXTRAL_PATCH, "width": _PIXTRAL_PATCH},
+    "processor_class": "PixtralProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+    "size": {"longest_edge": 1540},
+}
+
+
+def _bf16(model):
+    """The model cast to bf16, the published dtype (without diffusers' note that no module asks to stay fp32)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return model.to(torch.bfloat16)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _hub_text_encoder(real: Flavour, tokenizer, seed: int):
+    """The real flavour's text encoder class and depth at tiny width, in bf16 (the published dtype)."""
+    if real.is_klein:
+        vocab = -(-len(tokenizer) // _QWEN3_VOCAB_MULTIPLE) * _QWEN3_VOCAB_MULTIPLE
+        model = _qwen3_text_encoder(vocab, tokenizer.pad_token_id, tokenizer.eos_token_id, seed,
+                                    num_layers=real.text_num_layers, tie_word_embeddings=real.name == "klein-4b")
+    else:
+        model = _mistral3_text_encoder(tokenizer, seed, num_layers=real.text_num_layers, tie_word_embeddings=False,
+                                       vision_patch_size=_PIXTRAL_PATCH)
+    return model.to(torch.bfloat16)
+
+
+def _rename_shards(folder: Path, index_name: str, rename) -> None:
+    """Rewrite every shard listed in `folder/index_name` (and the index) with keys mapped by `rename`."""
+    from safetensors.torch import load_file, save_file
+
+    index_path = folder / index_name
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = load_file(str(folder / shard))
+        save_file({rename(k): v for k, v in tensors.items()}, str(folder / shard), metadata={"format": "pt"})
+    index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _to_transformers5_keys(key: str) -> str:
+    """Mistral3ForConditionalGeneration's legacy checkpoint names -> transformers 5's module names."""
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+                     ("vision_tower.", "model.vision_tower."),
+                     ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _save_text_encoder(model, folder: Path, text_encoder_keys: str) -> None:
+    model.save_pretrained(folder, max_shard_size=_HUB_SHARD_SIZE["text_encoder"])
+    # Qwen3's names are the same in both; only Mistral3's were re-nested in transformers 5
+    if text_encoder_keys == "transformers5" and "Mistral3" in type(model).__name__:
+        _rename_shards(folder, "model.safetensors.index.json", _to_transformers5_keys)
+
+
+def _save_qwen3_tokenizer(tokenizer, folder: Path) -> None:
+    """Qwen3's tokenizer files: vocab.json, merges.txt, tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, added_tokens.json, chat_template.jinja."""
+    tokenizer.save_pretrained(folder)
+    tokenizer.backend_tokenizer.model.save(str(folder))  # vocab.json + merges.txt
+    added = {t: tokenizer.convert_tokens_to_ids(t) for t in [*_QWEN3_SPECIAL, *_QWEN3_PLAIN_ADDED]}
+    _write_json(folder / "added_tokens.json", added)
+    _write_json(folder / "special_tokens_map.json", {
+        "additional_special_tokens": _QWEN3_SPECIAL[1:], "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+
+
+def _save_pixtral_tokenizer(tokenizer, folder: Path) -> None:
+    """Mistral-Small-3.1's PixtralProcessor folder: tokenizer.json, tokenizer_config.json (processor_class
+    PixtralProcessor), special_tokens_map.json, processor_config.json, preprocessor_config.json and the chat
+    template as the processor's legacy chat_template.json [assumed: the processor's file, not the tokenizer's, so a
+    bare AutoTokenizer on this folder has no chat template]."""
+    tokenizer.save_pretrained(folder)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    _write_json(folder / "chat_template.json", {"chat_template": template})
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(tokenizer_class="LlamaTokenizerFast", processor_class="PixtralProcessor")
+    config.pop("chat_template", None)
+    _write_json(config_path, config)
+    _write_json(folder / "special_tokens_map.json", {
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"})
+    _write_json(folder / "processor_config.json", _PIXTRAL_PROCESSOR_CONFIG)
+    _write_json(folder / "preprocessor_config.json", _PIXTRAL_PREPROCESSOR_CONFIG)
+
+
+def make_hub_model(path: str | Path, flavour: str, seed: int = 0, *, distilled: bool = False,
+                   text_encoder_keys: str = "legacy") -> Path:
+    """Write `flavour`'s hub repo (klein-4b / klein-9b base or step-distilled, dev) at tiny width to `path`.
+
+    Loads with the real flavour's params (model_flavour "klein-4b" etc.: stacked layers (9, 18, 27) / (10, 20, 30)).
+    diffusers' `Flux2KleinPipeline.from_pretrained` loads the klein folders as they are; dev's tokenizer folder
+    names `PixtralProcessor`, which transformers 5 loads only with torchvision installed.
+    """
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    real = get_flavour(flavour.removeprefix("tiny-"))
+    tiny = tiny_flavour_for(real.name)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    double, single = HUB_TRANSFORMER_BLOCKS[real.name]
+    with _seeded(seed, "transformer"):
+        transformer = Flux2Transformer2DModel(**{**tiny.full_transformer_config, "num_layers": double,
+                                                 "num_single_layers": single})
+    _bf16(transformer).save_pretrained(path / "transformer", max_shard_size=_HUB_SHARD_SIZE["transformer"])
+    if not real.is_klein:
+        # dev's published config has no guidance_embeds key: diffusers' default (True) applies
+        config_path = path / "transformer" / "config.json"
+        config = json.loads(config_path.read_text())
+        assert config.pop("guidance_embeds") is True
+        _write_json(config_path, config)
+    _bf16(_vae(seed)).save_pretrained(path / "vae")
+    FlowMatchEulerDiscreteScheduler(**_SCHEDULER_CONFIG).save_pretrained(path / "scheduler")
+
+    tokenizer = _qwen3_tokenizer() if real.is_klein else _mistral_tokenizer()
+    _save_text_encoder(_hub_text_encoder(real, tokenizer, seed), path / "text_encoder", text_encoder_keys)
+    if real.is_klein:
+        _save_qwen3_tokenizer(tokenizer, path / "tokenizer")
+    else:
+        _save_pixtral_tokenizer(tokenizer, path / "tokenizer")
+
+    index = {"_class_name": real.pipeline_class, "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", real.text_encoder_class],
+             "tokenizer": ["transformers", "Qwen2TokenizerFast" if real.is_klein else "PixtralProcessor"],
+             "transformer": ["diffusers", "Flux2Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKLFlux2"]}
+    if real.is_klein:
+        index["is_distilled"] = distilled
+    _write_json(path / "model_index.json", index)
+    return path
+
+
+def make_mistral_small_repo(path: str | Path, seed: int = 0, *, text_encoder_keys: str = "legacy") -> Path:
+    """`mistralai/Mistral-Small-3.1-24B-Instruct-2503` at tiny width: the model and its processor files at the repo
+    root (no text_encoder/ or tokenizer/ subfolder). With the same seed its weights and tokenizer are those of
+    `make_hub_model(..., "dev", seed)`'s text_encoder/ and tokenizer/, as FLUX.2-dev's are Mistral-Small-3.1's."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = _mistral_tokenizer()
+    _save_text_encoder(_hub_text_encoder(get_flavour("dev"), tokenizer, seed), path, text_encoder_keys)
+    _save_pixtral_tokenizer(tokenizer, path)
     return path

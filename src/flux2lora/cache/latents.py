@@ -26,7 +26,7 @@ from ..io import read_jsonl
 from ..io import write_json_atomic
 from ..latents import encode_pixels
 from ..layout import layout_for
-from ..models import component_identity, load_vae, resolve_device, torch_dtype
+from ..models import check_not_distilled, component_identity, load_vae, resolve_device, torch_dtype
 from .store import TensorStore, content_key
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ def encode_latents(params: Params, root: Path) -> dict:
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_latents
     rows = read_jsonl(layout.images_manifest)
+    check_not_distilled(params.model)  # latents are cached for training only: refuse a step-distilled klein early
     identity = component_identity(params.model, "vae")
     jobs, image_keys, reference_keys = plan_jobs(rows, identity, cfg.cache_dtype)
 

@@ -22,7 +22,7 @@ from ..config import Params
 from ..data.captions import caption_texts
 from ..io import read_jsonl, write_json_atomic
 from ..layout import layout_for
-from ..models import component_identity, resolve_device, torch_dtype
+from ..models import check_not_distilled, component_identity, resolve_device, torch_dtype
 from ..prompts import load_prompt_library
 from ..text_encoding import PromptEncoder
 from .store import TensorStore, content_key
@@ -53,6 +53,7 @@ def encode_text(params: Params, root: Path) -> dict:
     {name: text}, "empty": key}). Editing a validation prompt encodes that prompt and leaves `text_embeds/`
     byte-identical, so DVC re-runs validate and not train. One encoder serves both.
     """
+    check_not_distilled(params.model)  # embeddings are cached for training: refuse a step-distilled klein early
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_text
     rows = read_jsonl(layout.captions_manifest)

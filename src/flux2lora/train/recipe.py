@@ -31,7 +31,7 @@ from ..data.prepare import log_prepare_report
 from ..data.sampling import BucketBatches
 from ..io import write_json_atomic
 from ..layout import layout_for
-from ..models import component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device
+from ..models import check_not_distilled, component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device
 from ..params_table import stage_inputs
 from ..validate.during_training import TrainingValidator
 from .checkpoint import TrainingState, latest_matching
@@ -177,6 +177,7 @@ class LoRATrainingRecipe:
         """The accelerator, the samples and their draws, the frozen transformer with its LoRA, the optimizer and
         schedule, the training step, checkpoint state and the validator."""
         params, cfg, layout = self.params, self.cfg, self.layout
+        check_not_distilled(params.model)  # before anything loads: the most reported klein failure
         self.accelerator = make_accelerator(resolve_device(params.model.device))
         self.processes, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.main_process = self.accelerator.is_main_process

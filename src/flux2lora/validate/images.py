@@ -47,13 +47,16 @@ def load_cached_prompts(layout, device: torch.device, dtype: torch.dtype) -> Cac
 
 
 def render_image(pipe, params: Params, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                 width: int, height: int, lora_scale: float | None = None) -> Image.Image:
+                 width: int, height: int, lora_scale: float | None = None, label: str | None = None) -> Image.Image:
     """One image for cached embeddings (1, L, D) with `validate.validation_seed`.
 
     dev: `validation_guidance` is the distilled-guidance input (no negative prompt); klein base: true CFG at
     `validation_guidance` against the cached empty prompt. `lora_scale` scales the active LoRA (None: no LoRA).
+    label: a progress bar over the denoising steps, titled with it (None: the pipeline's progress bar setting).
     """
     cfg = params.validate_
+    if label is not None:
+        pipe.set_progress_bar_config(desc=label, leave=False)
     kwargs = dict(prompt_embeds=prompt_embeds, width=width, height=height,
                   num_inference_steps=cfg.validation_num_inference_steps, guidance_scale=cfg.validation_guidance,
                   generator=torch.Generator("cpu").manual_seed(cfg.validation_seed))
@@ -67,7 +70,9 @@ def render_image(pipe, params: Params, prompt_embeds: torch.Tensor, negative_emb
 
 def render_all(pipe, params: Params, prompts: CachedPrompts, lora_scale: float | None = None) -> Images:
     """Every prompt at every `validation_resolution`."""
-    return {(name, w, h): render_image(pipe, params, emb, prompts.negative, w, h, lora_scale)
+    which = "base" if lora_scale is None else f"LoRA x{lora_scale:g}"
+    return {(name, w, h): render_image(pipe, params, emb, prompts.negative, w, h, lora_scale,
+                                       label=f"validation {name} {w}x{h} {which}")
             for name, emb in prompts.embeds.items() for (w, h) in params.validate_.resolutions}
 
 

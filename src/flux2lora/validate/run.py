@@ -14,13 +14,11 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 from .. import tracking
 from ..config import Params
 from ..io import write_json_atomic
 from ..layout import layout_for
-from ..models import load_generation_pipeline, resolve_device
+from ..models import load_generation_pipeline, place_pipeline, resolve_device
 from .images import comparison_grid, image_stem, load_cached_prompts, log_validation, render_all
 
 log = logging.getLogger(__name__)
@@ -35,7 +33,7 @@ def validate(params: Params, root: Path) -> dict:
     layout = layout_for(root, params.output_dir)
     run_id = tracking.read_run_id(layout.run_file)
     device = resolve_device(params.model.device)
-    pipe = load_generation_pipeline(params.model, device, move=not cfg.enable_group_offload)
+    pipe = load_generation_pipeline(params.model, device, move=False)
     prompts = load_cached_prompts(layout, device, pipe.transformer.dtype)
 
     # The LoRA is loaded first and switched off for the base images: group offload's hooks move only the weights
@@ -44,10 +42,11 @@ def validate(params: Params, root: Path) -> dict:
     # peft creates the adapter's layers in train mode: with train.lora_dropout > 0 its dropout would stay active
     # and make every validation image random
     pipe.transformer.eval()
-    if cfg.enable_group_offload:
-        pipe.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                  offload_type="block_level", num_blocks_per_group=1,
-                                  use_stream=device.type == "cuda")
+    # validate.enable_group_offload forces group offload; otherwise the pipeline goes where it fits the GPU
+    placement = place_pipeline(pipe, device, placement="group_offload" if cfg.enable_group_offload else None)
+    log.info("validate: model %s, flavour %s, device %s, dtype %s, LoRA scale %g, %s", params.model.model_path,
+             params.model.model_flavour, device, params.model.base_model_default_dtype, cfg.validation_lora_scale,
+             placement)
     pipe.disable_lora()
     base_images = render_all(pipe, params, prompts)
     pipe.enable_lora()
