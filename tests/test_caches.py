@@ -126,7 +126,9 @@ def test_identical_captions_are_encoded_once_and_a_rerun_encodes_only_new_images
     assert text["unique_prompts"] == 10 + 1 + 2 + 1  # 10 distinct + the shared one + 2 library prompts + ""
     assert text["encoded"] == text["unique_prompts"] and latents["encoded"] == 20
     latent_store, text_store = stores(root)
-    assert latent_store.info()["dtypes"] == {"BF16": 20} and text_store.info()["dtypes"] == {"BF16": 14}
+    assert latent_store.info()["dtypes"] == {"BF16": 20} and text_store.info()["dtypes"] == {"BF16": 12}
+    prompt_store = TensorStore(root / "outputs/prompt_embeds")  # the 2 library prompts + "" (klein's CFG negative)
+    assert prompt_store.info()["dtypes"] == {"BF16": 3}
 
     write_images(root / "data/demo", 1, start=20, sizes=((96, 96),), formats=("jpg",))  # +5%
     run_stage("prepare", root / "params.yaml")

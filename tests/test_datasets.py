@@ -41,7 +41,7 @@ def report(root: Path) -> dict:
 def test_unknown_dataset_key_names_the_entry_and_suggests_the_closest():
     with pytest.raises(ParamsError) as err:
         parse_params({"prepare": {"datasets": [{"id": "a", "instance_data_dir": "data/a", "crop_aspec": "square"}]}})
-    assert "prepare.datasets.0.crop_aspec" in str(err.value) and "'crop_aspect'" in str(err.value)
+    assert "prepare.datasets.0.crop_aspec" in str(err.value) and "'prepare.datasets.0.crop_aspect'" in str(err.value)
     with pytest.raises(ParamsError, match="caption_colum.*'caption_column'"):
         parse_params({"prepare": {"datasets": [{"id": "a", "instance_data_dir": "d", "caption_strategy": "parquet",
                                                 "parquet": {"path": "m.jsonl", "caption_colum": "text"}}]}})
@@ -68,7 +68,7 @@ def test_moved_resolution_key_says_where_it_went():
 
 def test_text_embeds_backend_sets_encode_texts_write_batch_size():
     datasets = [{"id": "a", "instance_data_dir": "d"},
-                {"id": "text-embeds", "dataset_type": "text_embeds", "default": True, "cache_dir": "c",
+                {"id": "text-embeds", "dataset_type": "text_embeds", "default": True,
                  "write_batch_size": 32}]
     assert parse_params({"prepare": {"datasets": datasets}}).encode_text.write_batch_size == 32
     with pytest.raises(ParamsError, match="disagrees"):

@@ -63,7 +63,7 @@ def test_edit_lora_runs_in_the_pipeline_with_image_references(tmp_path):
     for stage in ("prepare", "encode-text", "encode-latents", "train"):
         run_stage(stage, root / "params.yaml")
     params = load_params(root / "params.yaml")
-    pipe = Flux2KleinPipeline.from_pretrained(params.model.pretrained_model_name_or_path)
+    pipe = Flux2KleinPipeline.from_pretrained(params.model.model_path)
     pipe.set_progress_bar_config(disable=True)
     reference = Image.open(root / "data/refs/shape_000.jpg").convert("RGB")
     kwargs = dict(image=[reference], prompt="sks style, a red circle", height=64, width=64, num_inference_steps=2,

@@ -51,7 +51,7 @@ def files_of(root: Path) -> tuple[Path, Path]:
 def pipeline_for(root: Path):
     params = load_params(root / "params.yaml")
     cls = Flux2KleinPipeline if params.model.flavour.is_klein else Flux2Pipeline
-    pipe = cls.from_pretrained(params.model.pretrained_model_name_or_path)
+    pipe = cls.from_pretrained(params.model.model_path)
     pipe.set_progress_bar_config(disable=True)
     return pipe, params
 
@@ -124,7 +124,7 @@ def test_both_files_carry_the_training_metadata(project):
             meta = f.metadata()
         assert all(f"flux2lora.{k}" in meta for k in METADATA_KEYS), (path.name, sorted(meta))
         assert meta["flux2lora.flavour"] == params.model.model_flavour
-        assert meta["flux2lora.base_model"] == params.model.model_path
+        assert meta["flux2lora.base_model"] == params.model.model_id  # as params.yaml names it: relocatable
         assert meta["flux2lora.trigger_phrase"] == params.publish.trigger_phrase
         assert int(meta["flux2lora.steps"]) == params.train.max_train_steps
         assert int(meta["flux2lora.rank"]) == params.train.lora_rank

@@ -44,7 +44,7 @@ def test_lora_file_is_in_the_diffusers_format(trained_project):
 
 def test_lora_loads_in_diffusers_klein_pipeline_and_changes_the_image(trained_project):
     params = load_params(trained_project / "params.yaml")
-    pipe = Flux2KleinPipeline.from_pretrained(params.model.pretrained_model_name_or_path)
+    pipe = Flux2KleinPipeline.from_pretrained(params.model.model_path)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt="sks style, a red circle", height=64, width=64, num_inference_steps=3,
                   text_encoder_out_layers=params.model.flavour.stacked_layers, output_type="np")

@@ -161,6 +161,7 @@ def test_gpu_stages_wait_for_the_gpu_slot(prefect_api, tmp_path, monkeypatch):
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
     project = make_project(tmp_path / "project")
     monkeypatch.chdir(project)
+    run_stage("params", project / "params.yaml")
     run_stage("prepare", project / "params.yaml")
     latents_index = layout_for(project, "outputs").latents_dir / "index.json"
 
@@ -225,7 +226,7 @@ def test_train_on_several_gpus_goes_through_accelerate_launch(prefect_api, tmp_p
     project = make_project(tmp_path / "project", **{"train.max_train_steps": 2, "train.checkpointing_steps": 1,
                                                     "runtime.num_processes": 2})
     monkeypatch.chdir(project)
-    for name in ("prepare", "encode-text", "encode-latents"):
+    for name in ("params", "prepare", "encode-text", "encode-latents"):
         run_stage(name, project / "params.yaml")
     launched = []
 

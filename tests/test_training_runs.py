@@ -46,17 +46,17 @@ def runs(root: Path) -> list:
 
 def test_a_second_training_of_the_project_is_refused_with_the_holder(encoded):
     layout = layout_for(encoded, "outputs")
-    with TrainingLock(layout.checkpoints_dir / ".training.lock"):
+    with TrainingLock(layout.state_dir / "training.lock"):
         proc = train(encoded)
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
-    assert "another training of this project is running (pid" in message and ".training.lock" in message, message
+    assert "another training of this project is running (pid" in message and "training.lock" in message, message
     assert not layout.lora_file.exists(), "the refused training must not write anything"
 
 
 def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, tmp_path):
     layout = layout_for(encoded, "outputs")
-    active = layout.checkpoints_dir / ".mlflow_run.json"
+    active = layout.state_dir / "training_mlflow_run.json"
     # 1. killed (SIGKILL) once its MLflow run is open, before any checkpoint: the run is left RUNNING
     proc = subprocess.Popen(["flux2lora", "stage", "train"], cwd=encoded, env=project_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -103,7 +103,7 @@ def test_bad_routes_are_clear_errors():
         BlockLoop([Route(0.5, 0, 2), Route(0.5, 2, 3)], 4)
     with pytest.raises(ValueError, match="selection_ratio"):
         BlockLoop([Route(1.0, 0, 1)], 4)
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="start_layer"):
         parse_routes({"routes": [{"selection_ratio": 0.5, "start_layer": 1, "end_layer_idx": 2}]})
 
 

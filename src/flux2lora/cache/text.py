@@ -85,7 +85,11 @@ def encode_text(params: Params, root: Path) -> dict:
     if to_encode:
         _encode_into(params, list(to_encode.items()),
                      {name: (store, set(todo[name])) for name, (store, _) in stores.items()})
-    pruned = sum(store.prune(set(wanted)) for store, wanted in stores.values())
+    pruned: set[str] = set()  # distinct keys: the empty prompt's entry lives in both stores
+    for store, wanted in stores.values():
+        before = store.keys()
+        store.prune(set(wanted))
+        pruned |= before - store.keys()
     common = {"layers": list(text_layers(params)), "encoder": identity, "empty": empty_key}
     # caption_lines only when some image has several: the index of single-caption data (part of the train
     # fingerprint) stays as it was
@@ -93,7 +97,7 @@ def encode_text(params: Params, root: Path) -> dict:
     write_json_atomic(layout.text_embeds_dir / INDEX, {"captions": caption_keys, **lines, **common})
     write_json_atomic(layout.prompt_embeds_dir / INDEX, {"prompts": prompt_keys, "prompt_texts": library, **common})
     return {"unique_prompts": len(unique), "encoded": len(to_encode), "reused": len(unique) - len(to_encode),
-            "pruned": pruned}
+            "pruned": len(pruned)}
 
 
 def _encode_into(params: Params, todo: list[tuple[str, str]], stores: dict[str, tuple[TensorStore, set[str]]]) -> None:

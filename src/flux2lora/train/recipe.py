@@ -320,11 +320,11 @@ def train(params: Params, root: Path) -> dict:
 
     One training per project at a time: the main process holds `TrainingLock` from setup to the end."""
     layout = layout_for(root, params.output_dir)
-    with TrainingLock(layout.checkpoints_dir / ".training.lock", enabled=_is_main_process()):
+    with TrainingLock(layout.state_dir / "training.lock", enabled=_is_main_process()):
         recipe = LoRATrainingRecipe(params, root)
         recipe.setup()
         recipe.resume()
-        run_log = RunLog(params, root, recipe.main_process, layout.checkpoints_dir / ".mlflow_run.json")
+        run_log = RunLog(params, root, recipe.main_process, layout.state_dir / "training_mlflow_run.json")
         run_log.start(recipe.run_id, recipe.layout, len(recipe.targets), recipe.start_step)
         failed = True
         try:
