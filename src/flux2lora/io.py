@@ -33,3 +33,32 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file's bytes with its `__metadata__` keys in sorted order.
+
+    The safetensors writer keeps metadata in a Rust HashMap, whose order changes from process to process, so the
+    same tensors and metadata gave different bytes (and DVC hashes) on every run. Only the header's JSON is
+    rewritten: the tensor entries, their offsets and the data block stay as safetensors wrote them (offsets are
+    relative to the end of the header, which is padded with spaces to 8 bytes as the format asks)."""
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
+def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save with sorted metadata (byte-stable: same tensors and metadata, same bytes), written
+    atomically."""
+    from safetensors.torch import save
+
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
