@@ -1,7 +1,8 @@
 """LoRA files other tools load: the BFL / ComfyUI layout, written from the same weights as the diffusers file.
 
 The diffusers file (`train/lora.py`) holds the peft state: per module `lora_A` (r, in) and `lora_B` (out, r), and
-the peft config, whose `lora_alpha / r` (rank_pattern / alpha_pattern per module) scales B @ A. The BFL layout
+the peft config, whose `lora_alpha / r` (rank_pattern / alpha_pattern per module) scales B @ A (our own files have
+the scale already in B and alpha = r; older or other trainers' files may not: both are read right). The BFL layout
 names modules as Black Forest Labs' reference code does (`diffusion_model.double_blocks.N.img_attn.qkv`,
 `single_blocks.N.linear1`, ...), which is what ComfyUI's native FLUX.2 model and ai-toolkit use, and diffusers'
 `_convert_non_diffusers_flux2_lora_to_diffusers` converts back. Two differences matter:
