@@ -8,9 +8,9 @@ Rows, in the order they run (a row that would not finish inside --budget-s is sk
 always ends in time and keeps what it measured):
 - the machine: bf16 matmul ceiling (the recipe's own), pinned host -> device copy bandwidth (the planner's offload
   cost), the CUDA context (memory the driver holds outside torch's allocator);
-- klein-4b at 1024 px: the recipe, then our step at equal work, then our modes (no checkpointing, int8 / fp8 /
-  int4 base, group offload, TREAD, all modules, and the compiled speed / memory / budget modes last: each compile
-  takes a minute);
+- klein-4b at 1024 px: the recipe, then our step at equal work, then our modes (no checkpointing, int8 / fp8
+  base, group offload, TREAD, all modules, the compiled speed / memory / budget modes: each compile takes a
+  minute, and the int4 base last: optimum-quanto may first build its CUDA kernels);
 - one klein-9b and one dev step at 1024 px, recipe and ours;
 - dev's Mistral text encoder cut at 30 layers (text-only MistralModel, real shape, 17.3B parameters), batch 8 x 512
   tokens, with and without group offload of its decoder layers, through our PromptEncoder;
@@ -61,11 +61,12 @@ KLEIN_4B_MODES = [
     ("no checkpointing", dict(checkpointing=False), 10),
     ("int8 base", dict(precision="int8-quanto"), 20),
     ("fp8 base (torchao)", dict(precision="fp8-torchao"), 20),
-    ("int4 base", dict(precision="int4-quanto"), 20),
     ("group offload", dict(enable_group_offload=True), 30),
     ("TREAD 0.5", dict(tread=TREAD), 10),
     ("all modules", dict(preset="all"), 10),
 ]
+# Last of all: on CUDA, optimum-quanto builds its int4 kernels with nvcc the first time (minutes, if nvcc is there)
+INT4_MODE = [("int4 base", dict(precision="int4-quanto"), 20)]
 COMPILE_MODES = [
     ("speed mode: compile, no ckpt", dict(checkpointing=False, compile_transformer=True), 80),
     ("memory mode: compile + ckpt", dict(compile_transformer=True), 80),
@@ -94,6 +95,7 @@ class Run:
         self.jsonl.write(line + "\n")
         self.jsonl.flush()
         self.rows.append(row)
+        (self.out / "gpu_run.md").write_text(markdown(self))  # kept up to date: a killed run keeps its table
 
     def row(self, name: str, estimate_s: float, fn, *args, **kwargs):
         """Run one measurement unless the budget cannot hold it; errors are recorded, never fatal."""
@@ -374,7 +376,7 @@ def main() -> None:
     training_rows(run, anchor, device, "klein-4b", KLEIN_4B_MODES, recipe_too=False)
     training_rows(run, anchor, device, "klein-4b", COMPILE_MODES[:1], recipe_too=False)
     qwen_and_vae_rows(run, anchor, device)
-    training_rows(run, anchor, device, "klein-4b", COMPILE_MODES[1:], recipe_too=False)
+    training_rows(run, anchor, device, "klein-4b", COMPILE_MODES[1:] + INT4_MODE, recipe_too=False)
     table = markdown(run)
     (run.out / "gpu_run.md").write_text(table)
     (run.out / "imported_distributions.txt").write_text("".join(f"{d}\n" for d in imported_distributions()))

@@ -13,6 +13,7 @@ in fp32, so the relative difference is at most ~1e-7: MAX_RELATIVE_DIFF = 1e-6 o
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,25 +133,6 @@ def test_rank_equal_alpha_file_is_unchanged_by_the_baking(tiny, tmp_path):
     assert all(torch.equal(state[f"transformer.{k}"], v) for k, v in raw.items())
 
 
-def test_lora_file_bytes_are_stable_across_processes(tmp_path):
-    """safetensors keeps metadata in a hash map whose order changes per process: the files are rewritten with
-    sorted metadata, so two processes writing the same LoRA write the same bytes."""
-    script = (
-        "import sys, torch; from pathlib import Path; from flux2lora.io import write_safetensors_atomic\n"
-        "meta = {f'flux2lora.key{i}': str(i) for i in range(20)}\n"
-        "write_safetensors_atomic(Path(sys.argv[1]), {'b': torch.ones(3), 'a': torch.zeros(2, 2)}, meta)\n")
-    files = []
-    for i in range(3):
-        files.append(tmp_path / f"{i}.safetensors")
-        subprocess.run([sys.executable, "-c", script, str(files[-1])], check=True)
-    assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
-    data = files[0].read_bytes()
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # safe_open's metadata() is a hash map too
-    keys = list(header["__metadata__"])
-    assert keys == sorted(keys) and len(keys) == 20
-    assert torch.equal(load_file(str(files[0]))["b"], torch.ones(3))
-
-
 def test_diffusers_flux2_loader_refuses_alpha_tensors(tiny, tmp_path):
     """Why the scale goes into B and not into ComfyUI's `<module>.alpha` tensors: diffusers 0.42.1's FLUX.2
     load_lora_weights rejects every key without "lora" in it. Should a diffusers release accept them, this test
@@ -168,3 +150,29 @@ def test_diffusers_flux2_loader_refuses_alpha_tensors(tiny, tmp_path):
     pipe = cls.from_pretrained(model)
     with pytest.raises(ValueError, match="Invalid adapter checkpoint"):
         pipe.load_lora_weights(str(tmp_path), weight_name="with_alpha.safetensors")
+
+
+def test_the_lora_file_is_byte_identical_across_processes(tmp_path):
+    """The whole diffusers file (weights, peft config, metadata) from two processes with different hash seeds: the
+    peft config's target_modules set and safetensors' metadata map would otherwise come out in another order."""
+    flavour = "klein-4b"
+    model = make_tiny_model(tmp_path / "model", flavour=flavour)
+    script = (
+        "import sys, torch; from pathlib import Path\n"
+        "sys.path.insert(0, sys.argv[3])\n"
+        "from test_lora_strength import PIPELINES, trained_transformer\n"
+        "from flux2lora.train.lora import save_diffusers_lora\n"
+        "torch.manual_seed(0)  # peft draws lora_A from the global generator\n"
+        "t = trained_transformer(sys.argv[1], Path(sys.argv[2]))\n"
+        "save_diffusers_lora(t, PIPELINES[sys.argv[1]], Path(sys.argv[4]), {'alpha': 6, 'rank': 4})\n")
+    outputs = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, flavour, str(model), str(Path(__file__).parent), str(out)],
+                       check=True, env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True)
+        outputs.append((out / "pytorch_lora_weights.safetensors").read_bytes())
+    assert outputs[0] == outputs[1]
+    data = outputs[0]
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])  # safe_open's metadata() is a hash map too
+    keys = list(header["__metadata__"])
+    assert keys == sorted(keys) and "flux2lora.alpha_applied" in keys

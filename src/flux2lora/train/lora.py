@@ -118,6 +118,8 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     # the new layers to eval), and every image made with the file would be random. The file says 0.
     adapter_config = {**config.to_dict(), "lora_dropout": 0.0, "lora_alpha": config.r,
                       "alpha_pattern": dict(config.rank_pattern or {}), "use_rslora": False}
+    # sets (target_modules) as sorted lists: diffusers lists them in hash order, which changes per process
+    adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
     pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state,
                                    transformer_lora_adapter_metadata=adapter_config)
     path = folder / "pytorch_lora_weights.safetensors"
