@@ -39,17 +39,45 @@ def load_anchor(path: Path):
     return module
 
 
+def row_params(flavour: str | None, res: int, text_len: int, device_type: str, *, checkpointing=True,
+               preset="recipe", precision="bf16", tread=None, **train):
+    """The Params of one row (what the train stage would be given for it)."""
+    from flux2lora.config import Params
+
+    return Params(model={"model_flavour": flavour or "klein-4b", "base_model_default_dtype": "bf16"},
+                  prepare={"resolution": res}, encode_text={"max_sequence_length": text_len},
+                  train={"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 1000,
+                         "mixed_precision": "bf16" if device_type == "cuda" else "no",
+                         "gradient_checkpointing": checkpointing, "tread_config": tread,
+                         "base_model_precision": "no_change" if precision == "bf16" else precision,
+                         "flux_lora_target": "all" if preset == "recipe" else preset, **train})
+
+
+def planned(flavour: str, res: int, text_len: int, *, preset="recipe", **options):
+    """The planner's prediction for a row (real flavour, real size), with the recipe's targets when it uses them."""
+    from dataclasses import replace
+
+    from flux2lora.planner import plan_from_params, predict
+
+    plan = plan_from_params(row_params(flavour, res, text_len, "cuda", preset=preset, **options))
+    if preset == "recipe":  # the planner knows the recipe's targets (its calibration runs)
+        plan = replace(plan, lora_target="recipe")
+    if options.get("enable_group_offload"):  # ours() offloads with a side stream on CUDA
+        plan = replace(plan, group_offload_use_stream=True)
+    return predict(plan)
+
+
 def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int, *, checkpointing=True,
          preset="recipe", precision="bf16", tread=None, label="flux2lora", flavour=None, anchor=None,
-         **train) -> dict:
+         warmup=2, echo=True, **train) -> dict:
     """One row: our TrainingStep on `config`; `train` holds further TrainParams (compile_transformer,
     gradient_checkpointing_blocks, vram_budget_gib, enable_group_offload, ...) applied through the same
-    build_training_model the train stage uses."""
+    build_training_model the train stage uses. On CUDA the row has the peak allocated and reserved memory.
+    warmup: untimed steps first (the recipe's 2); echo: print the row as a JSON line."""
     from diffusers import Flux2Transformer2DModel
     from diffusers.optimization import get_scheduler
     from optimum import quanto
 
-    from flux2lora.config import Params
     from flux2lora.models import QUANTIZED_MODULES, _quantize_fp8, apply_group_offload, parameter_bytes
     from flux2lora.train.lora import add_lora, target_modules
     from flux2lora.train.model import build_training_model
@@ -82,13 +110,8 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
                    "attn.to_out.0", "attn.to_qkv_mlp_proj")) or (n.startswith("single_") and n.endswith("attn.to_out"))]
     else:
         targets = target_modules(model, preset)
-    params = Params(model={"model_flavour": flavour or "klein-4b"}, prepare={"resolution": res},
-                    encode_text={"max_sequence_length": text_len},
-                    train={"lora_rank": 16, "learning_rate": 1e-4, "max_train_steps": 1000,
-                           "mixed_precision": "bf16" if device.type == "cuda" else "no",
-                           "gradient_checkpointing": checkpointing, "tread_config": tread,
-                           "base_model_precision": "no_change" if precision == "bf16" else precision,
-                           "flux_lora_target": "all" if preset == "recipe" else preset, **train})
+    params = row_params(flavour, res, text_len, device.type, checkpointing=checkpointing, preset=preset,
+                        precision=precision, tread=tread, **train)
     cfg = params.train
     lora_params = add_lora(model, 16, 16, 0.0, targets)
     for p in lora_params:
@@ -112,21 +135,18 @@ def ours(config: dict, res: int, text_len: int, device: torch.device, steps: int
         batch = MicroBatch(x0, embeds, torch.randn(x0.shape, generator=g).to(device, x0.dtype), sigmas, guidance)
         step([batch], g)
 
-    median_s, _, _ = anchor.timed(one, device, 2, steps)  # the recipe's own timing: same warm-up, same sync
-    from flux2lora.planner import plan_from_params, predict
-
-    plan = plan_from_params(params)
-    if preset == "recipe":  # the planner knows the recipe's targets (its calibration runs)
-        from dataclasses import replace
-
-        plan = replace(plan, lora_target="recipe")
-    planned = predict(plan) if flavour else None
+    median_s, _, _ = anchor.timed(one, device, warmup, steps)  # the recipe's own timing and sync
+    prediction = planned(flavour, res, text_len, checkpointing=checkpointing, preset=preset, precision=precision,
+                         tread=tread, **train) if flavour else None
+    cuda = device.type == "cuda"
     rec = {"what": label, "res": res, "checkpointing": checkpointing, "preset": preset, "precision": precision,
            "tread": bool(tread), "options": train, "step_s_median": median_s,
-           "planned_peak_gib": planned.peak_gib if planned else None,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+           "planned_peak_gib": prediction.peak_gib if prediction else None,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
            "transformer_gib": parameter_bytes(model) / 2**30}
-    print(json.dumps(rec), flush=True)
+    if echo:
+        print(json.dumps(rec), flush=True)
     del model, optimizer, step, training_model
     return rec
 

@@ -231,27 +231,33 @@ def services_down(folder: Path = typer.Option(Path(".services"), "--dir")):
 
 @app.command("plan")
 def plan(params: Path = typer.Option(Path("params.yaml"), "--params"),
-         vram: str = typer.Option(None, "--vram", help="GPU memory budget, e.g. 24GiB: propose the fastest fit")):
-    """Predict peak GPU memory and relative speed of the configured training run; with --vram, propose the fastest
-    configuration that fits (calibrated on H100 measurements of the plain diffusers + peft recipe)."""
+         vram: str = typer.Option(None, "--vram", help="GPU memory budget, e.g. 24GiB: propose the fastest fit"),
+         ram: str = typer.Option(None, "--ram", help="host RAM, e.g. 64GiB: say when the run needs more"),
+         host_bandwidth: float = typer.Option(None, "--host-bandwidth",
+                                              help="host -> GPU copy speed in GB/s for offload (default 25: PCIe "
+                                                   "4.0 x16; ~50 on PCIe 5.0)"),
+         as_json: bool = typer.Option(False, "--json", help="the report as JSON, for machines")):
+    """Predict GPU memory, host RAM and speed of the configured run's GPU stages (encode-text, encode-latents,
+    train); with --vram, propose the fastest settings of each that fit, headroom included (calibrated on H100
+    measurements of the plain diffusers + peft recipe)."""
     from .config import ParamsError, load_params
-    from .planner import as_dict, as_params, fastest_fitting, parse_size, plan_from_params, predict
+    from .planner import HOST_BANDWIDTH_GBPS, parse_size, plan_report, render_table
 
     try:
-        configured = plan_from_params(load_params(params))
+        loaded = load_params(params)
         budget = parse_size(vram) if vram else None
+        host_ram = parse_size(ram, "--ram") if ram else None
+        if host_bandwidth is not None and host_bandwidth <= 0:
+            raise ValueError(f"--host-bandwidth: {host_bandwidth} must be a positive number of GB/s")
+        report = plan_report(loaded, budget, host_ram, host_bandwidth or HOST_BANDWIDTH_GBPS)
     except (ParamsError, ValueError) as e:
         _fail(str(e))
-    result = {"configured": as_dict(predict(configured))}
-    if budget is not None:
-        best = fastest_fitting(configured, budget)
-        result["budget_gib"] = round(budget, 2)
-        result["proposed"] = as_dict(best) if best else None
-        if best is not None:
-            result["proposed_params"] = as_params(best)
-        if best is None:
-            result["note"] = "nothing fits: lower train.train_batch_size or prepare.resolution"
-    typer.echo(json.dumps(result, indent=2))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        from rich.console import Console
+
+        render_table(report, Console(width=160))
 
 
 @app.command("import-simpletuner")

@@ -1,7 +1,8 @@
 """LoRA files other tools load: the BFL / ComfyUI layout, written from the same weights as the diffusers file.
 
 The diffusers file (`train/lora.py`) holds the peft state: per module `lora_A` (r, in) and `lora_B` (out, r), and
-the peft config, whose `lora_alpha / r` (rank_pattern / alpha_pattern per module) scales B @ A. The BFL layout
+the peft config, whose `lora_alpha / r` (rank_pattern / alpha_pattern per module) scales B @ A (our own files have
+the scale already in B and alpha = r; older or other trainers' files may not: both are read right). The BFL layout
 names modules as Black Forest Labs' reference code does (`diffusion_model.double_blocks.N.img_attn.qkv`,
 `single_blocks.N.linear1`, ...), which is what ComfyUI's native FLUX.2 model and ai-toolkit use, and diffusers'
 `_convert_non_diffusers_flux2_lora_to_diffusers` converts back. Two differences matter:
@@ -182,9 +183,7 @@ def export_bfl(diffusers_file: Path, out_file: Path, extra_metadata: dict[str, s
     `lora_adapter_metadata` is deliberately not copied: diffusers would apply that peft config (other modules,
     other ranks) to this file.
     """
-    from safetensors.torch import save_file
-
-    from .io import write_atomic
+    from .io import write_safetensors_atomic
 
     state, config, metadata = read_diffusers_lora(diffusers_file)
     bfl = diffusers_to_bfl(state, config)
@@ -192,7 +191,7 @@ def export_bfl(diffusers_file: Path, out_file: Path, extra_metadata: dict[str, s
     out_metadata.update({"format": "pt", "flux2lora.format": BFL_FORMAT,
                          "flux2lora.alpha_applied": "true",  # B already holds alpha/r: load at strength 1.0
                          **(extra_metadata or {})})
-    write_atomic(Path(out_file), lambda tmp: save_file(bfl, str(tmp), metadata=out_metadata))
+    write_safetensors_atomic(Path(out_file), bfl, out_metadata)
     return Path(out_file)
 
 

@@ -40,3 +40,32 @@ def read_jsonl(path: Path) -> list[dict]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run the stage that writes it first (dvc repro / flux2lora stage)")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file's bytes with its `__metadata__` keys in sorted order.
+
+    The safetensors writer keeps metadata in a Rust HashMap, whose order changes from process to process, so the
+    same tensors and metadata gave different bytes (and DVC hashes) on every run. Only the header's JSON is
+    rewritten: the tensor entries, their offsets and the data block stay as safetensors wrote them (offsets are
+    relative to the end of the header, which is padded with spaces to 8 bytes as the format asks)."""
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
+def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save with sorted metadata (byte-stable: same tensors and metadata, same bytes), written
+    atomically."""
+    from safetensors.torch import save
+
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))

@@ -62,15 +62,22 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
     if lic.hub_id == "other":
         licence_front += f"\nlicense_name: {lic.name}" + (f"\nlicense_link: {base_model_url}" if base_model_url else "")
     sample = f"\n![validation samples: base model and with the LoRA]({grid_file})\n" if grid_file else ""
-    files = f"| `{diffusers_file}` | diffusers format (`transformer.<module>.lora_A/B.weight`); recent ComfyUI |\n"
+    # Which file for which tool. Both hold the trained strength in their weights (alpha / rank multiplied into B),
+    # so every reader applies the trained delta at strength 1.0, whether it reads the peft metadata or not.
+    files = (f"| `{diffusers_file}` | diffusers (`transformer.<module>.lora_A/B.weight`, peft config in "
+             "`lora_adapter_metadata`) | diffusers `load_lora_weights` (FLUX.2 pipelines; tested with diffusers "
+             "0.42.1 and peft 0.21.2); ComfyUI's LoRA loaders (they read this layout; the scale is in the weights, "
+             "so the strength is right without `.alpha` tensors) |\n")
     if bfl_file:
-        files += (f"| `{bfl_file}` | BFL / ComfyUI layout (`diffusion_model.double_blocks.N.img_attn.qkv...`), "
-                  "alpha already applied |\n")
+        files += (f"| `{bfl_file}` | BFL (`diffusion_model.double_blocks.N.img_attn.qkv...`, q/k/v fused) | "
+                  "ComfyUI's native FLUX.2 model (the layout ComfyUI v0.29 documents), ai-toolkit and BFL's "
+                  "reference code; diffusers converts it on load |\n")
     comfy = (f"""
 ## Use it in ComfyUI
 
 Copy `{bfl_file}` into `ComfyUI/models/loras/` and apply it to the FLUX.2 {flavour} model with a
-*LoraLoaderModelOnly* node at strength 1.0 (lower it to weaken the effect).
+*LoraLoaderModelOnly* node at strength 1.0 (lower it to weaken the effect). `{diffusers_file}` works there too, at
+the same strength.
 """ if bfl_file else "")
     commit_row = f"| git commit | `{git_commit}` |\n" if git_commit else ""
     return f"""---
@@ -103,8 +110,10 @@ A LoRA for `{base_model}` (FLUX.2 {flavour}), trained with flux2lora.
 {commit_row}{sample}
 ## Files
 
-| file | format |
-|---|---|
+Both files give the same weight change at strength 1.0 (alpha / rank = {alpha / rank:g} is already applied in B).
+
+| file | format | load it with |
+|---|---|---|
 {files}
 ## Use it with diffusers
 

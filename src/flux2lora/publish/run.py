@@ -37,14 +37,13 @@ def add_metadata(path: Path, extra: dict[str, str]) -> None:
     """Rewrite a safetensors file with `extra` added to its metadata (keys sorted: identical inputs, identical
     bytes)."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
-    from ..io import write_atomic
+    from ..io import write_safetensors_atomic
 
     with safe_open(str(path), framework="pt") as f:
         metadata = {**(f.metadata() or {}), **extra}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(sorted(metadata.items()))))
+    write_safetensors_atomic(path, tensors, metadata)
 
 
 def transfer_settings(params: Params) -> TransferSettings:

@@ -88,22 +88,47 @@ def load_lora_state_dict(transformer, state: dict[str, torch.Tensor]) -> None:
 
 def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata: dict[str, str]) -> Path:
     """Write `pytorch_lora_weights.safetensors` in the diffusers format (keys `transformer.<module>.lora_A/B.weight`,
-    `lora_adapter_metadata`), with our own metadata (base model, flavour, steps, ...) added under `flux2lora.*`."""
+    `lora_adapter_metadata`), with our own metadata (base model, flavour, steps, ...) added under `flux2lora.*`.
+
+    Each module's peft scale (lora_alpha / r; alpha / sqrt(r) with rsLoRA; per module with rank/alpha patterns) is
+    multiplied into its lora_B, and the file's peft config says alpha = r (scale 1.0). Every consumer then applies
+    the trained delta B @ A: diffusers and peft through the config, ComfyUI (which reads no lora_adapter_metadata and
+    applies 1.0 without a `.alpha` tensor) through the weights. Per-module `.alpha` tensors, ComfyUI's own way, are
+    not an option: diffusers' FLUX.2 `load_lora_weights` (0.42.1) refuses any key without "lora" in its name
+    ("Invalid adapter checkpoint"). The trained alpha stays in `flux2lora.alpha`; `flux2lora.alpha_applied` says
+    B holds it. Metadata keys are sorted, so equal weights give equal bytes."""
+    from peft.tuners.lora import LoraLayer
     from safetensors import safe_open
-    from safetensors.torch import save_file
+    from safetensors.torch import load
+
+    from ..io import write_safetensors_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
+    config = transformer.peft_config["default"]
+    scales = {name: float(module.scaling["default"]) for name, module in transformer.named_modules()
+              if isinstance(module, LoraLayer) and "default" in module.scaling}
+    state = lora_state_dict(transformer)
+    for key in state:
+        if key.endswith(".lora_B.weight"):
+            module = key.removesuffix(".lora_B.weight")
+            if module not in scales:
+                raise ValueError(f"LoRA weight {key} has no peft layer {module!r} to take its scale from")
+            state[key] = state[key] * scales[module]
     # Dropout is a training setting: saved, peft would rebuild it on load, in train mode (diffusers does not switch
     # the new layers to eval), and every image made with the file would be random. The file says 0.
-    adapter_config = {**transformer.peft_config["default"].to_dict(), "lora_dropout": 0.0}
-    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=lora_state_dict(transformer),
+    adapter_config = {**config.to_dict(), "lora_dropout": 0.0, "lora_alpha": config.r,
+                      "alpha_pattern": dict(config.rank_pattern or {}), "use_rslora": False}
+    # sets (target_modules) as sorted lists: diffusers lists them in hash order, which changes per process
+    adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
+    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state,
                                    transformer_lora_adapter_metadata=adapter_config)
     path = folder / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = load(path.read_bytes())
     metadata.update({f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
-    save_file(tensors, str(path), metadata=metadata)
+    metadata["flux2lora.alpha_applied"] = "true"  # lora_B holds alpha / r: load at strength 1.0
+    write_safetensors_atomic(path, tensors, metadata)
     return path
 
 
