@@ -1,4 +1,4 @@
-"""The `flux2-lora` flow: the six stages in order, each a retried task that DVC's lock file can skip.
+"""The `flux2-lora` flow: the params stage, then the six stages in order, each a retried task that DVC's lock file can skip.
 
 Deployed twice (prefect.yaml): `flux2-lora/train`, run by hand with parameters that override params.yaml, and
 `flux2-lora/nightly`, on a cron schedule with only_if_changed, which retrains only when the dataset or the params

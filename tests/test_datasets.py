@@ -42,7 +42,7 @@ def test_unknown_dataset_key_names_the_entry_and_suggests_the_closest():
     with pytest.raises(ParamsError) as err:
         parse_params({"prepare": {"datasets": [{"id": "a", "instance_data_dir": "data/a", "crop_aspec": "square"}]}})
     assert "prepare.datasets.0.crop_aspec" in str(err.value) and "'prepare.datasets.0.crop_aspect'" in str(err.value)
-    with pytest.raises(ParamsError, match="caption_colum.*'caption_column'"):
+    with pytest.raises(ParamsError, match="caption_colum.*'prepare.datasets.0.parquet.caption_column'"):
         parse_params({"prepare": {"datasets": [{"id": "a", "instance_data_dir": "d", "caption_strategy": "parquet",
                                                 "parquet": {"path": "m.jsonl", "caption_colum": "text"}}]}})
 

@@ -58,8 +58,9 @@ def test_ddp_on_two_cpu_processes_trains_and_saves_one_lora_equal_to_one_process
     single_lora = load_file(lora_dir / "pytorch_lora_weights.safetensors")
     assert ddp_lora.keys() == single_lora.keys()
     for key in ddp_lora:
-        # the same computation; only the order of the gradient sum differs (all-reduce vs accumulation)
-        torch.testing.assert_close(ddp_lora[key], single_lora[key], rtol=1e-4, atol=1e-6)
+        # the same computation; only the order of the gradient sum differs (all-reduce vs accumulation), which
+        # AdamW's normalisation amplifies where a gradient element nearly cancels: seen up to 3e-6 on single elements
+        torch.testing.assert_close(ddp_lora[key], single_lora[key], rtol=1e-4, atol=1e-5)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_lora.items() if "lora_B" in k)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

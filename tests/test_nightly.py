@@ -23,7 +23,7 @@ from flux2lora.layout import layout_for
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["prepare", "encode-text", "encode-latents", "train", "validate", "publish"]
+STAGES = ["params", "prepare", "encode-text", "encode-latents", "train", "validate", "publish"]
 
 
 @dataclass

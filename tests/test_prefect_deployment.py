@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 POOL = "flux2lora-local"
 DEPLOYMENT = "flux2-lora/train"
-STAGES = ["prepare", "encode-text", "encode-latents", "train", "validate", "publish"]
+STAGES = ["params", "prepare", "encode-text", "encode-latents", "train", "validate", "publish"]
 LORA = Path("outputs/lora/pytorch_lora_weights.safetensors")
 SKIPPED = "up to date according to dvc.lock"
 

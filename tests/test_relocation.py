@@ -9,6 +9,7 @@ project (`tracking.configure`).
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -70,6 +71,14 @@ def test_copied_project_resumes_its_checkpoint(tmp_path, uninterrupted):
     log = resume_in(moved)
     assert "resuming from checkpoint step-000004" in log, log[-3000:]
     assert "belongs to a run with other data or params" not in log
+    # the resumed MLflow run's artifacts live in the moved project's store, not under the deleted folder
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((moved / "outputs/train/mlflow_run.json").read_text())["run_id"]
+    run_info = MlflowClient(f"sqlite:///{moved / 'mlflow.db'}").get_run(run_id).info
+    assert run_info.artifact_uri.startswith((moved / "mlartifacts").as_uri()), run_info.artifact_uri
+    assert list((moved / "mlartifacts").rglob("pytorch_lora_weights.safetensors"))
+    assert not first.exists(), "something wrote into the old project folder"
     trained = lora_of(moved)
     assert trained.keys() == uninterrupted.keys()
     for key in trained:

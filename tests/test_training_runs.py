@@ -79,7 +79,7 @@ def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, tmp
     # 3. the retry resumes from step 2 and re-trains step 3, which the failed attempt had logged already
     done = train(encoded)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from checkpoint step-000002" in done.stderr
+    assert "resuming from checkpoint step-000002" in done.stdout + done.stderr
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads(layout.run_file.read_text())["run_id"]

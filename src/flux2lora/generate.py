@@ -23,8 +23,8 @@ from PIL import Image
 
 from .config import ModelParams
 from .flavours import Flavour, get_flavour
-from .models import DTYPES, GENERATION_HEADROOM_BYTES, gpu_memory_bytes as device_memory_bytes, place_pipeline, \
-    resolve_device
+from .models import DTYPES, GENERATION_HEADROOM_BYTES, load_generation_pipeline, place_pipeline, resolve_device
+from .models import gpu_memory_bytes as device_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ def base_model_of(lora: Path | None, model_path: str | None = None, flavour: str
                          "--model (hub id or folder) and --flavour (klein-4b | klein-9b | dev)")
     rev = revision or (meta.get("flux2lora.revision") if not model_path else None)
     return BaseModel(path=path, revision=None if rev in (None, "", "main") else rev, flavour=get_flavour(name))
-
-
-def load_pipeline(base: BaseModel, dtype: torch.dtype):
-    """The flavour's diffusers pipeline without its text encoder and tokenizer, in CPU memory (placed later)."""
-    import diffusers
-
-    return getattr(diffusers, base.flavour.pipeline_class).from_pretrained(
-        base.path, revision=base.revision, dtype=dtype, text_encoder=None, tokenizer=None)
 
 
 def encode_prompts(model: ModelParams, prompts: list[str], device: torch.device,
@@ -112,7 +104,7 @@ def generate(prompt: str, lora: Path | None = None, *, scale: float = 1.0, seed:
     prompts = [prompt, negative_prompt] if base.flavour.is_klein else [prompt]
     embeds = encode_prompts(model, prompts, target, gpu_bytes)
 
-    pipe = load_pipeline(base, torch_dtype)
+    pipe = load_generation_pipeline(model)
     if lora is not None:
         lora = Path(lora)
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")

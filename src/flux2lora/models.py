@@ -128,13 +128,14 @@ def load_transformer(model: ModelParams, device: torch.device):
     return Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer", **_common(model)).to(device)
 
 
-def load_generation_pipeline(model: ModelParams, device: torch.device, with_text_encoder: bool = False,
-                             move: bool = True):
-    """The full pipeline for image generation; without the text encoder unless asked (validation uses cached prompts).
-    move=False leaves it in CPU memory (for offloading)."""
-    extra = {} if with_text_encoder else dict(text_encoder=None, tokenizer=None)
-    pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
-    if move:
+def load_generation_pipeline(model: ModelParams, device: torch.device | None = None, transformer=None):
+    """The flavour's pipeline for rendering from prompt embeddings, the one builder of validation, validation during
+    training and `generate`: no text encoder or tokenizer (prompts come encoded), the given `transformer` (the one
+    being trained) or the base model's. On `device` when given; else in CPU memory, for `place_pipeline`."""
+    extra = {} if transformer is None else dict(transformer=transformer)
+    pipe = pipeline_class(model).from_pretrained(model.model_path, text_encoder=None, tokenizer=None, **extra,
+                                                 **_common(model))
+    if device is not None:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

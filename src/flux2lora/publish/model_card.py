@@ -48,11 +48,12 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
                rank: int, alpha: float, steps: int, final_loss: float, dataset_hash: str, run_id: str,
                grid_file: str | None, diffusers_file: str = "pytorch_lora_weights.safetensors",
                bfl_file: str | None = None, repo_id: str | None = None, base_model_url: str | None = None,
-               git_commit: str | None = None) -> str:
+               git_commit: str | None = None, warning: str | None = None) -> str:
     """Markdown with YAML front matter and loading examples.
 
     `repo_id`: where the card will live on the Hub (the examples load from it), else a local folder is assumed.
     `base_model_url`: a link to the base model's page (its licence text); omitted for local base models.
+    `warning`: shown at the top (e.g. a LoRA trained on a step-distilled klein with model.allow_distilled).
     """
     lic = licence_of(licence)
     trigger = trigger_phrase or "(none)"
@@ -62,6 +63,8 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
     if lic.hub_id == "other":
         licence_front += f"\nlicense_name: {lic.name}" + (f"\nlicense_link: {base_model_url}" if base_model_url else "")
     sample = f"\n![validation samples: base model and with the LoRA]({grid_file})\n" if grid_file else ""
+    if warning:
+        sample = f"\n> **Warning:** {warning}\n" + sample
     # Which file for which tool. Both hold the trained strength in their weights (alpha / rank multiplied into B),
     # so every reader applies the trained delta at strength 1.0, whether it reads the peft metadata or not.
     files = (f"| `{diffusers_file}` | diffusers (`transformer.<module>.lora_A/B.weight`, peft config in "

@@ -92,7 +92,7 @@ def publish(params: Params, root: Path) -> dict:
         steps=metrics["steps"], final_loss=metrics["final_loss"], dataset_hash=dataset_hash, run_id=run_id,
         grid_file=SAMPLES if grid.exists() else None, diffusers_file=diffusers_file.name, bfl_file=bfl_file.name,
         repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_id}" if is_hub_model else None,
-        git_commit=train_tags.get("git_commit")))
+        git_commit=train_tags.get("git_commit"), warning=lora_meta.get("flux2lora.distilled_warning")))
     # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
 

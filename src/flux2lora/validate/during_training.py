@@ -22,7 +22,7 @@ import torch
 
 from ..config import Params
 from ..layout import layout_for
-from ..models import pipeline_class, torch_dtype
+from ..models import load_generation_pipeline
 from .images import Images, comparison_grid, load_cached_prompts, log_validation, render_all
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,7 @@ class TrainingValidator:
     def pipeline(self):
         """The flavour's pipeline around the transformer being trained; VAE and scheduler loaded on first use."""
         if self._pipe is None:
-            model = self.params.model
-            self._pipe = pipeline_class(model).from_pretrained(
-                model.model_path, transformer=self.transformer, text_encoder=None, tokenizer=None,
-                revision=model.revision, dtype=torch_dtype(model.base_model_default_dtype))
-            self._pipe.to(self.device)
-            self._pipe.set_progress_bar_config(disable=True)
+            self._pipe = load_generation_pipeline(self.params.model, self.device, transformer=self.transformer)
         return self._pipe
 
     def run(self, step: int, mlflow) -> None:

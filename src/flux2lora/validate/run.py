@@ -33,7 +33,7 @@ def validate(params: Params, root: Path) -> dict:
     layout = layout_for(root, params.output_dir)
     run_id = tracking.read_run_id(layout.run_file)
     device = resolve_device(params.model.device)
-    pipe = load_generation_pipeline(params.model, device, move=False)
+    pipe = load_generation_pipeline(params.model)
     prompts = load_cached_prompts(layout, device, pipe.transformer.dtype)
 
     # The LoRA is loaded first and switched off for the base images: group offload's hooks move only the weights
