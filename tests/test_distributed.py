@@ -59,8 +59,10 @@ def test_ddp_on_two_cpu_processes_trains_and_saves_one_lora_equal_to_one_process
     assert ddp_lora.keys() == single_lora.keys()
     for key in ddp_lora:
         # the same computation; only the order of the gradient sum differs (all-reduce vs accumulation), which
-        # AdamW's normalisation amplifies where a gradient element nearly cancels: seen up to 3e-6 on single elements
-        torch.testing.assert_close(ddp_lora[key], single_lora[key], rtol=1e-4, atol=1e-5)
+        # AdamW's normalisation amplifies where a gradient element nearly cancels (its update is ~lr whatever the
+        # gradient's size): single elements were seen 3e-6 and 1.6e-5 apart at lr 0.01, so the bound is 0.2% of one
+        # step's update
+        torch.testing.assert_close(ddp_lora[key], single_lora[key], rtol=1e-4, atol=2e-3 * 0.01)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in ddp_lora.items() if "lora_B" in k)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

@@ -108,7 +108,10 @@ def _metadata(lora: Path) -> dict:
 
 
 def _base_model(lora: Path) -> str:
-    return _metadata(lora)["flux2lora.base_model"]
+    """The metadata's base model (a project-relative folder for local ones) as generate resolves it."""
+    from flux2lora.generate import base_model_of
+
+    return base_model_of(lora).path
 
 
 def _flavour(lora: Path) -> str:

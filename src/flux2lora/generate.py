@@ -49,8 +49,22 @@ def base_model_of(lora: Path | None, model_path: str | None = None, flavour: str
     if not path or not name:
         raise ValueError("generate: the LoRA file does not name its base model (no flux2lora metadata); pass "
                          "--model (hub id or folder) and --flavour (klein-4b | klein-9b | dev)")
+    if not model_path and lora is not None:
+        path = _project_folder(path, Path(lora))
     rev = revision or (meta.get("flux2lora.revision") if not model_path else None)
     return BaseModel(path=path, revision=None if rev in (None, "", "main") else rev, flavour=get_flavour(name))
+
+
+def _project_folder(path: str, lora: Path) -> str:
+    """The metadata names a local base model as the training project's params.yaml did (relative to the project,
+    so that a moved project's files stay true): resolve it against the working directory, else against the LoRA
+    file's enclosing project (the nearest folder above it with a params.yaml). Hub ids are returned unchanged."""
+    if Path(path).is_absolute() or Path(path).is_dir():
+        return path
+    for folder in lora.resolve().parents:
+        if (folder / "params.yaml").is_file() and (folder / path).is_dir():
+            return str(folder / path)
+    return path
 
 
 def encode_prompts(model: ModelParams, prompts: list[str], device: torch.device,
