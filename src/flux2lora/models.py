@@ -8,6 +8,7 @@ passes through our params.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelParams
+from .errors import DeviceUnavailable, ModelNotFound
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -24,9 +26,46 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """`model.device` as a torch device: "auto" is cuda when available, else cpu. DeviceUnavailable when it names
+    an accelerator this machine (or this torch build) does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceUnavailable(f"model.device: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(
+                f"model.device: {name!r}, but CUDA is not available here (torch {torch.__version__}, "
+                f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); set model.device: auto "
+                "(cuda when there is one) or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"model.device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                                    f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of them")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable(f"model.device: {name!r}, but MPS is not available here; set model.device: auto or cpu")
+    return device
+
+
+@contextlib.contextmanager
+def loading(model: ModelParams, what: str):
+    """Turn the loaders' OSError for a model that is not there (no such folder, and no such Hub repo or no
+    connection) into ModelNotFound naming `model.pretrained_model_name_or_path` and what to do."""
+    try:
+        yield
+    except OSError as e:
+        path = model.model_path
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(path).is_dir():
+            raise ModelNotFound(f"model.pretrained_model_name_or_path: the folder {path} has no loadable {what} "
+                                f"({first}); it must be a diffusers FLUX.2 pipeline folder (model_index.json, "
+                                "transformer/, vae/, text_encoder/, tokenizer/)") from e
+        raise ModelNotFound(
+            f"model.pretrained_model_name_or_path: {path!r} is not a local folder and loading it from the Hugging Face "
+            f"Hub failed ({first}). Point it at a diffusers folder (relative to params.yaml, e.g. one written by "
+            "`flux2lora make-tiny-model`) or at a Hub id (e.g. black-forest-labs/FLUX.2-klein-base-4B); gated repos "
+            "need `huggingface-cli login`, and HF_HUB_OFFLINE=1 allows only models already in the Hub cache") from e
 
 
 def pipeline_class(model: ModelParams):
@@ -41,7 +80,8 @@ def _common(model: ModelParams) -> dict:
 
 def load_text_pipeline(model: ModelParams, device: torch.device):
     """The flavour's pipeline with only tokenizer + text encoder loaded (its `encode_prompt` is the reference)."""
-    pipe = pipeline_class(model).from_pretrained(model.model_path, transformer=None, vae=None, **_common(model))
+    with loading(model, "pipeline"):
+        pipe = pipeline_class(model).from_pretrained(model.model_path, transformer=None, vae=None, **_common(model))
     pipe.text_encoder.to(device)
     return pipe
 
@@ -51,7 +91,8 @@ def load_vae(model: ModelParams, device: torch.device, group_offload: bool = Fal
     it runs (leaf level: the VAE's encoder is one module, not a list of blocks)."""
     from diffusers import AutoencoderKLFlux2
 
-    vae = AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).eval()
+    with loading(model, "vae"):
+        vae = AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).eval()
     if group_offload:
         apply_group_offload(vae, device, "leaf_level", use_stream=device.type == "cuda")
         return vae
@@ -61,7 +102,10 @@ def load_vae(model: ModelParams, device: torch.device, group_offload: bool = Fal
 def load_transformer(model: ModelParams, device: torch.device):
     from diffusers import Flux2Transformer2DModel
 
-    return Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer", **_common(model)).to(device)
+    with loading(model, "transformer"):
+        transformer = Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer",
+                                                              **_common(model))
+    return transformer.to(device)
 
 
 def load_generation_pipeline(model: ModelParams, device: torch.device, with_text_encoder: bool = False,
@@ -69,7 +113,8 @@ def load_generation_pipeline(model: ModelParams, device: torch.device, with_text
     """The full pipeline for image generation; without the text encoder unless asked (validation uses cached prompts).
     move=False leaves it in CPU memory (for offloading)."""
     extra = {} if with_text_encoder else dict(text_encoder=None, tokenizer=None)
-    pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
+    with loading(model, "pipeline"):
+        pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
     if move:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -26,9 +26,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..io import write_atomic
+from ..io import save_safetensors, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,7 @@ class TensorStore:
         name = hashlib.sha256("\n".join(sorted(pending)).encode()).hexdigest()[:24] + SHARD_SUFFIX
         path = self.shards_dir / name
         metadata = {"format": FORMAT, "entries": json.dumps(checksums, sort_keys=True)}
-        write_atomic(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+        write_atomic(path, lambda tmp: save_safetensors(flat, tmp, metadata))  # byte-stable header
         for key in pending:
             catalog[key] = _Entry(name, checksums[key])
         self._shard_keys[name] = set(pending)
