@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..config import Params
 from ..io import write_json_atomic, write_jsonl_atomic
 from ..layout import layout_for
-from .buckets import plan_crop, plan_like, plan_loose, too_small
+from .buckets import aspect_out_of_range, plan_crop, plan_like, plan_loose, too_small
 from .captions import caption_source, read_caption_file
 from .config import Dataset, relative_to_root, resolve_datasets
 from .images import ImageRejected, inspect_image
@@ -186,6 +186,10 @@ def prepare(params: Params, root: Path) -> dict:
         small = too_small(record.width, record.height, dataset.options)
         if small:
             skipped.append(Skip(dataset.id, rel, "too_small", f"{path}: {small}"))
+            continue
+        extreme = aspect_out_of_range(record.width, record.height, dataset.options)
+        if extreme:
+            skipped.append(Skip(dataset.id, rel, "aspect_ratio", f"{path}: {extreme}"))
             continue
         plan = plan_crop(record.width, record.height, dataset.options, record.sha256)
         image_id = f"{dataset.id}/{rel}" if multi else rel
