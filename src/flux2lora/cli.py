@@ -112,12 +112,20 @@ def demo_data(folder: Path = typer.Argument(Path("data/demo")), count: int = 8, 
 @app.command("check-params")
 def check_params(params: Path = typer.Option(Path("params.yaml"), "--params")):
     """Validate params.yaml: unknown keys and bad values are reported with the closest valid key."""
-    from .config import ParamsError, load_params
+    from .config import ParamsError, load_params, project_root
+    from .data.links import DVCIGNORE, sync_dvcignore
 
     try:
-        load_params(params)
+        loaded = load_params(params)
     except ParamsError as e:
         _fail(str(e))
+    # the data root's dangling symlinks, hidden from DVC's hashing (which would stop at them before prepare runs)
+    data_root = project_root(params) / loaded.prepare.data_root
+    dangling = sync_dvcignore(data_root, project_root(params))
+    for link in dangling:
+        typer.secho(f"warning: {loaded.prepare.data_root}/{link} is a dangling symbolic link: prepare skips it and "
+                    f"{DVCIGNORE} hides it from DVC; fix or delete it", err=True,
+                    fg=typer.colors.YELLOW)
     typer.echo(f"{params}: ok")
 
 

@@ -329,21 +329,9 @@ class Params(Section):
         data_root, output_dir = Path(os.path.normpath(self.prepare.data_root)), Path(os.path.normpath(self.output_dir))
         if data_root.is_absolute() == output_dir.is_absolute() and \
                 (output_dir == data_root or data_root in output_dir.parents or str(data_root) == "."):
-            raise ValueError(f"output_dir {self.output_dir!r} is inside prepare.data_root {self.prepare.data_root!r}: "
+            raise ValueError(f"prepare.data_root {self.prepare.data_root!r} contains output_dir {self.output_dir!r}: "
                              "DVC would see the pipeline's own outputs as prepare's input; keep output_dir outside "
                              "data_root (e.g. data_root: data, output_dir: outputs)")
-        folders = [("prepare.instance_data_dir", self.prepare.instance_data_dir)] + [
-            (f"prepare.datasets[{d.id}].instance_data_dir", d.instance_data_dir) for d in self.prepare.datasets
-            if d.dataset_type != "text_embeds" and not d.disabled]
-        for key, folder in folders:
-            if not folder:
-                continue
-            folder = Path(os.path.normpath(folder))
-            if folder.is_absolute() == data_root.is_absolute() and str(data_root) != "." and \
-                    folder != data_root and data_root not in folder.parents:
-                raise ValueError(f"{key} {str(folder)!r} is outside prepare.data_root {self.prepare.data_root!r}, the "
-                                 "only folder DVC watches for prepare: move the dataset under data_root, or set "
-                                 "data_root to a folder that holds every dataset")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -109,10 +109,24 @@ class DvcPipeline:
             raise ValueError(f"{self.root / 'dvc.yaml'} has no stage {name!r}")
         return self._stages[name]
 
+    def _hide_dangling_links(self) -> None:
+        """Bring the `.dvcignore` block of prepare.data_root's dangling symlinks up to date before DVC hashes the data
+        root (data/links.py); DVC re-reads its ignore rules when they changed."""
+        from .data.links import sync_dvcignore
+
+        data_root = self.root / load_params(self.root / PARAMS_FILE).prepare.data_root
+        ignore = self.root / ".dvcignore"
+        before = ignore.read_bytes() if ignore.exists() else None
+        sync_dvcignore(data_root, self.root)
+        if (ignore.read_bytes() if ignore.exists() else None) != before:
+            self._repo._reset()  # drops DVC's cached ignore filter
+
     def is_current(self, name: str) -> bool:
         """True when dvc.lock says `name` is up to date with its deps, params and outs (`dvc status NAME`)."""
         from dvc.repo import lock_repo
 
+        if name == "prepare":
+            self._hide_dangling_links()
         stage = self._stage(name)
         with lock_repo(self._repo):
             return not stage.status(check_updates=True)
