@@ -48,11 +48,12 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under `folder`, by relative path (what 'nothing changed here' compares)."""
+    """sha256 of every file under `folder`, by relative path (what 'nothing changed here' compares); DVC's own
+    .gitignore files are left out."""
     if not folder.exists():
         return {}
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".gitignore"}
 
 
 def params_only_project(tmp_path: Path) -> Path:
@@ -361,13 +362,25 @@ def test_cuda_without_cuda_is_a_message(repro_project):
 
 
 @pytest.mark.slow
-def test_failing_publishes_are_messages_and_an_unchanged_republish_uploads_nothing(repro_project):
+def test_failing_publishes_are_messages_and_an_unchanged_republish_uploads_nothing(repro_project, monkeypatch):
+    from servers import S3_TEST_ENV
+
+    for key, value in S3_TEST_ENV.items():  # this process reads the bucket back too
+        monkeypatch.setenv(key, value)
+    try:
+        _failing_publishes_then_an_unchanged_republish(repro_project)
+    finally:  # the next test publishes nowhere
+        set_params(repro_project, **{"publish.s3_uri": None, "publish.s3_endpoint_url": None,
+                                     "publish.hub_repo_id": None})
+
+
+def _failing_publishes_then_an_unchanged_republish(root: Path) -> None:
     import boto3
     from servers import S3_TEST_ENV, moto_server
     from test_publish_s3 import FlakyProxy, assert_complete
 
-    root = repro_project
     publish_json = (root / "outputs/publish.json").read_bytes()
+    publish_folder = tree_digest(root / "outputs/publish")
     with moto_server() as endpoint:
         client = boto3.client("s3", endpoint_url=endpoint, **{
             "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"})
@@ -376,6 +389,11 @@ def test_failing_publishes_are_messages_and_an_unchanged_republish_uploads_nothi
         proc = flux2lora(["stage", "publish"], root, **S3_TEST_ENV)
         assert_user_error(proc, "publish.s3_uri", "s3://no-such-bucket/loras", "NoSuchBucket", "credentials")
         assert (root / "outputs/publish.json").read_bytes() == publish_json  # no record of a publish that failed
+        # outputs/publish was reassembled (its params.json shows the destination tried); only the LoRA files and
+        # card are compared: byte-stable, so the same bytes again
+        after = tree_digest(root / "outputs/publish")
+        assert {k: v for k, v in after.items() if k != "params.json"} == \
+            {k: v for k, v in publish_folder.items() if k != "params.json"}
         assert client.list_buckets()["Buckets"] == []
 
         # the Hub: huggingface_hub refuses (offline here, as an unreachable Hub would): a message, nothing registered
@@ -406,7 +424,6 @@ def test_failing_publishes_are_messages_and_an_unchanged_republish_uploads_nothi
             proxy.close()
         again = client.head_object(Bucket="loras", Key=f"{prefix}/manifest.json")
         assert (again["ETag"], again["LastModified"]) == (manifest["ETag"], manifest["LastModified"])
-        set_params(root, **{"publish.s3_uri": None, "publish.s3_endpoint_url": None})
 
 
 @pytest.mark.slow
