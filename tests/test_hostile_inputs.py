@@ -8,7 +8,6 @@ here), which refuses the push as an unreachable Hub would.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -39,7 +38,8 @@ def flux2lora(args: list[str], cwd: Path, timeout: int = 600, **env) -> subproce
 
 def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     """Exit code 2, a one-message error naming what is given in `needles`, and no traceback."""
-    assert proc.returncode == 2, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 2, \
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr[proc.stderr.index("error: "):]
     for needle in needles:
@@ -382,44 +382,44 @@ def _failing_publishes_then_an_unchanged_republish(root: Path) -> None:
     publish_json = (root / "outputs/publish.json").read_bytes()
     publish_folder = tree_digest(root / "outputs/publish")
     with moto_server() as endpoint:
-        client = boto3.client("s3", endpoint_url=endpoint, **{
-            "aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"})
-        set_params(root, **{"publish.s3_uri": "s3://no-such-bucket/loras", "publish.s3_endpoint_url": endpoint,
-                            "publish.s3_max_attempts": 2})
-        proc = flux2lora(["stage", "publish"], root, **S3_TEST_ENV)
-        assert_user_error(proc, "publish.s3_uri", "s3://no-such-bucket/loras", "NoSuchBucket", "credentials")
-        assert (root / "outputs/publish.json").read_bytes() == publish_json  # no record of a publish that failed
-        # outputs/publish was reassembled (its params.json shows the destination tried); only the LoRA files and
-        # card are compared: byte-stable, so the same bytes again
-        after = tree_digest(root / "outputs/publish")
-        assert {k: v for k, v in after.items() if k != "params.json"} == \
-            {k: v for k, v in publish_folder.items() if k != "params.json"}
-        assert client.list_buckets()["Buckets"] == []
-
-        # the Hub: huggingface_hub refuses (offline here, as an unreachable Hub would): a message, nothing registered
-        set_params(root, **{"publish.s3_uri": None, "publish.hub_repo_id": "someone/lora"})
-        proc = flux2lora(["stage", "publish"], root, HF_HUB_OFFLINE="1", **S3_TEST_ENV)
-        assert_user_error(proc, "publish.hub_repo_id", "someone/lora", "Hugging Face Hub")
-        assert (root / "outputs/publish.json").read_bytes() == publish_json
-
-        # the fix: a bucket that exists, no Hub
-        client.create_bucket(Bucket="loras")
-        set_params(root, **{"publish.hub_repo_id": None, "publish.s3_uri": "s3://loras/team"})
-        proc = flux2lora(["stage", "publish", "--json"], root, **S3_TEST_ENV)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        uri = json.loads(proc.stdout)["s3"]
-        prefix = uri.removeprefix("s3://loras/")
-        assert_complete(endpoint, "loras", prefix, root / "outputs/publish")
-        manifest = client.head_object(Bucket="loras", Key=f"{prefix}/manifest.json")
-
-        # the same outputs published again, through a proxy that records every request: nothing is written
+        client = boto3.client("s3", endpoint_url=endpoint)
+        # every publish goes through a proxy that records the requests (the endpoint is part of params.json, so it
+        # stays the same for all of them)
         proxy = FlakyProxy(endpoint)
         try:
-            set_params(root, **{"publish.s3_endpoint_url": proxy.url})
+            set_params(root, **{"publish.s3_uri": "s3://no-such-bucket/loras", "publish.s3_endpoint_url": proxy.url,
+                                "publish.s3_max_attempts": 2})
+            proc = flux2lora(["stage", "publish"], root, **S3_TEST_ENV)
+            assert_user_error(proc, "publish.s3_uri", "s3://no-such-bucket/loras", "NoSuchBucket", "credentials")
+            assert (root / "outputs/publish.json").read_bytes() == publish_json  # no record of a failed publish
+            # outputs/publish was reassembled (its params.json shows the destination tried); the LoRA files and
+            # card are byte-stable: the same bytes again
+            after = tree_digest(root / "outputs/publish")
+            assert {k: v for k, v in after.items() if k != "params.json"} == \
+                {k: v for k, v in publish_folder.items() if k != "params.json"}
+            assert client.list_buckets()["Buckets"] == []
+
+            # the Hub: huggingface_hub refuses (offline here, as an unreachable Hub would): a message, no record
+            set_params(root, **{"publish.s3_uri": None, "publish.hub_repo_id": "someone/lora"})
+            proc = flux2lora(["stage", "publish"], root, HF_HUB_OFFLINE="1", **S3_TEST_ENV)
+            assert_user_error(proc, "publish.hub_repo_id", "someone/lora", "Hugging Face Hub")
+            assert (root / "outputs/publish.json").read_bytes() == publish_json
+
+            # the fix: a bucket that exists, no Hub
+            client.create_bucket(Bucket="loras")
+            set_params(root, **{"publish.hub_repo_id": None, "publish.s3_uri": "s3://loras/team"})
+            proc = flux2lora(["stage", "publish", "--json"], root, **S3_TEST_ENV)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            prefix = json.loads(proc.stdout)["s3"].removeprefix("s3://loras/")
+            assert_complete(endpoint, "loras", prefix, root / "outputs/publish")
+            manifest = client.head_object(Bucket="loras", Key=f"{prefix}/manifest.json")
+
+            # the same outputs published again: nothing is written, the manifest is left as it was
+            proxy.requests.clear()
             proc = flux2lora(["stage", "publish"], root, **S3_TEST_ENV)
             assert proc.returncode == 0, proc.stderr[-3000:]
             writes = [(m, p) for m, p, _ in proxy.requests if m in ("PUT", "POST", "DELETE")]
-            assert writes == [] and proxy.requests, proxy.requests
+            assert writes == [] and proxy.requests, writes
         finally:
             proxy.close()
         again = client.head_object(Bucket="loras", Key=f"{prefix}/manifest.json")
