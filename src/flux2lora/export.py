@@ -182,8 +182,7 @@ def export_bfl(diffusers_file: Path, out_file: Path, extra_metadata: dict[str, s
     `lora_adapter_metadata` is deliberately not copied: diffusers would apply that peft config (other modules,
     other ranks) to this file.
     """
-
-    from .io import save_safetensors, write_atomic
+    from .io import write_safetensors_atomic
 
     state, config, metadata = read_diffusers_lora(diffusers_file)
     bfl = diffusers_to_bfl(state, config)
@@ -191,7 +190,7 @@ def export_bfl(diffusers_file: Path, out_file: Path, extra_metadata: dict[str, s
     out_metadata.update({"format": "pt", "flux2lora.format": BFL_FORMAT,
                          "flux2lora.alpha_applied": "true",  # B already holds alpha/r: load at strength 1.0
                          **(extra_metadata or {})})
-    write_atomic(Path(out_file), lambda tmp: save_safetensors(bfl, tmp, out_metadata))  # byte-stable header
+    write_safetensors_atomic(Path(out_file), bfl, out_metadata)
     return Path(out_file)
 
 

@@ -35,45 +35,37 @@ def write_jsonl_atomic(path: Path, rows: Iterable[dict]) -> None:
     write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
-def sort_safetensors_metadata(path: Path) -> None:
-    """Rewrite a safetensors file's header with its `__metadata__` keys sorted, in place.
-
-    safetensors keeps metadata in a hash map whose order changes from process to process, so two writes of the same
-    tensors and metadata differ in their header bytes (and DVC, S3 and the Hub see a changed file). The tensors'
-    entries and offsets are left as they are; the data section is not touched when the sorted header fits the
-    original's length (it always does: the same keys and values, reordered), else the file is rewritten whole.
-    """
-    path = Path(path)
-    with open(path, "r+b") as f:
-        length = int.from_bytes(f.read(8), "little")
-        raw = f.read(length)
-        header = json.loads(raw)
-        metadata = header.get("__metadata__")
-        if not metadata:
-            return
-        ordered = {"__metadata__": dict(sorted(metadata.items())),
-                   **{k: v for k, v in header.items() if k != "__metadata__"}}
-        new = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
-        if new == raw.rstrip(b" "):
-            return
-        if len(new) <= length:
-            f.seek(8)
-            f.write(new + b" " * (length - len(new)))  # safetensors pads its header with spaces
-            return
-    padded = new + b" " * (-len(new) % 8)
-    tmp = path.with_name(f".{path.name}.header.tmp")
-    with open(path, "rb") as src, open(tmp, "wb") as dst:
-        src.seek(8 + length)
-        dst.write(len(padded).to_bytes(8, "little") + padded)
-        for chunk in iter(lambda: src.read(1 << 24), b""):
-            dst.write(chunk)
-    os.replace(tmp, path)
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines manifest; FileNotFoundError naming the stage to run when it is missing."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the stage that writes it first (dvc repro / flux2lora stage)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file` with byte-stable output: identical tensors and metadata give identical bytes
-    (metadata keys sorted; see sort_safetensors_metadata). Not atomic by itself: wrap in write_atomic."""
-    from safetensors.torch import save_file
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file's bytes with its `__metadata__` keys in sorted order.
 
-    save_file(tensors, str(path), metadata=metadata)
-    sort_safetensors_metadata(path)
+    The safetensors writer keeps metadata in a Rust HashMap, whose order changes from process to process, so the
+    same tensors and metadata gave different bytes (and DVC hashes) on every run. Only the header's JSON is
+    rewritten: the tensor entries, their offsets and the data block stay as safetensors wrote them (offsets are
+    relative to the end of the header, which is padded with spaces to 8 bytes as the format asks)."""
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(header)
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+
+
+def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors.torch.save with sorted metadata (byte-stable: same tensors and metadata, same bytes), written
+    atomically."""
+    from safetensors.torch import save
+
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))

@@ -55,13 +55,16 @@ def damaged_shards(folder: Path, keys: set[str], workers: int = 4) -> tuple[list
 
 
 def _encode(params: Params, root: Path, name: str) -> dict:
+    """Run the encode stage that fills the store `name` (it re-encodes exactly the entries that are missing)."""
     if name == "latents":
         from .latents import encode_latents
 
         return encode_latents(params, root)
-    from .text import encode_text
+    if name in ("text_embeds", "prompt_embeds"):  # captions, and validation prompts where they have their own store
+        from .text import encode_text
 
-    return encode_text(params, root)
+        return encode_text(params, root)
+    raise ValueError(f"no encode stage fills a store named {name!r}")
 
 
 def repair_caches(params: Params, root: Path, stores: tuple[str, ...] = STORES, accelerator=None) -> dict:

@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import UserError
-from ..io import save_safetensors, write_atomic
+from ..io import write_atomic, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class TensorStore:
         name = hashlib.sha256("\n".join(sorted(pending)).encode()).hexdigest()[:24] + SHARD_SUFFIX
         path = self.shards_dir / name
         metadata = {"format": FORMAT, "entries": json.dumps(checksums, sort_keys=True)}
-        write_atomic(path, lambda tmp: save_safetensors(flat, tmp, metadata))  # byte-stable header
+        write_safetensors_atomic(path, flat, metadata)  # sorted metadata: the same entries give the same bytes
         for key in pending:
             catalog[key] = _Entry(name, checksums[key])
         self._shard_keys[name] = set(pending)
