@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelParams
-from .errors import DeviceUnavailable, ModelNotFound
+from .errors import DeviceUnavailable, ModelNotFound, UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -49,23 +49,43 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 @contextlib.contextmanager
-def loading(model: ModelParams, what: str):
-    """Turn the loaders' OSError for a model that is not there (no such folder, and no such Hub repo or no
-    connection) into ModelNotFound naming `model.pretrained_model_name_or_path` and what to do."""
+def model_errors(model: ModelParams):
+    """Turn a stage's failure to load `model.pretrained_model_name_or_path` into ModelNotFound naming the key and
+    what to do, when the model is really not there: no such local folder, not in the Hub cache, and the Hub lookup
+    fails (no such repo, no access, or no connection). Any other error passes unchanged."""
     try:
         yield
-    except OSError as e:
-        path = model.model_path
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if Path(path).is_dir():
-            raise ModelNotFound(f"model.pretrained_model_name_or_path: the folder {path} has no loadable {what} "
-                                f"({first}); it must be a diffusers FLUX.2 pipeline folder (model_index.json, "
-                                "transformer/, vae/, text_encoder/, tokenizer/)") from e
+    except (OSError, ValueError) as e:
+        # diffusers says ValueError for a path that is no repo id either ("/abs/missing"): only when it names it
+        if isinstance(e, UserError) or (not isinstance(e, OSError) and str(model.model_path) not in str(e)):
+            raise
+        lookup = _why_model_unavailable(model)
+        if lookup is None:
+            raise
         raise ModelNotFound(
-            f"model.pretrained_model_name_or_path: {path!r} is not a local folder and loading it from the Hugging Face "
-            f"Hub failed ({first}). Point it at a diffusers folder (relative to params.yaml, e.g. one written by "
-            "`flux2lora make-tiny-model`) or at a Hub id (e.g. black-forest-labs/FLUX.2-klein-base-4B); gated repos "
-            "need `huggingface-cli login`, and HF_HUB_OFFLINE=1 allows only models already in the Hub cache") from e
+            f"model.pretrained_model_name_or_path: {model.model_path!r} is not a local folder (relative to "
+            f"params.yaml) and the Hugging Face Hub lookup failed ({lookup}). Point it at a diffusers FLUX.2 folder "
+            "(e.g. one written by `flux2lora make-tiny-model`) or a Hub id (e.g. black-forest-labs/FLUX.2-klein-base-4B); "
+            "gated repos need `huggingface-cli login`, and with HF_HUB_OFFLINE=1 only models already in the Hub "
+            "cache load") from e
+
+
+def _why_model_unavailable(model: ModelParams) -> str | None:
+    """Why the base model cannot be had, or None when it can (a local folder, a Hub-cache copy, or a Hub repo that
+    answers): then a loading error has another cause."""
+    path = model.model_path
+    if Path(path).is_dir():
+        return None
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(path, "model_index.json", revision=model.revision), str):
+            return None
+        model_info(path, revision=model.revision)
+    except Exception as lookup:  # HFValidationError, RepositoryNotFoundError, GatedRepoError, OfflineModeIsEnabled
+        text = str(lookup).strip().splitlines()
+        return f"{type(lookup).__name__}: {text[0]}" if text else type(lookup).__name__
+    return None
 
 
 def pipeline_class(model: ModelParams):
@@ -80,8 +100,7 @@ def _common(model: ModelParams) -> dict:
 
 def load_text_pipeline(model: ModelParams, device: torch.device):
     """The flavour's pipeline with only tokenizer + text encoder loaded (its `encode_prompt` is the reference)."""
-    with loading(model, "pipeline"):
-        pipe = pipeline_class(model).from_pretrained(model.model_path, transformer=None, vae=None, **_common(model))
+    pipe = pipeline_class(model).from_pretrained(model.model_path, transformer=None, vae=None, **_common(model))
     pipe.text_encoder.to(device)
     return pipe
 
@@ -91,8 +110,7 @@ def load_vae(model: ModelParams, device: torch.device, group_offload: bool = Fal
     it runs (leaf level: the VAE's encoder is one module, not a list of blocks)."""
     from diffusers import AutoencoderKLFlux2
 
-    with loading(model, "vae"):
-        vae = AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).eval()
+    vae = AutoencoderKLFlux2.from_pretrained(model.model_path, subfolder="vae", **_common(model)).eval()
     if group_offload:
         apply_group_offload(vae, device, "leaf_level", use_stream=device.type == "cuda")
         return vae
@@ -102,10 +120,7 @@ def load_vae(model: ModelParams, device: torch.device, group_offload: bool = Fal
 def load_transformer(model: ModelParams, device: torch.device):
     from diffusers import Flux2Transformer2DModel
 
-    with loading(model, "transformer"):
-        transformer = Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer",
-                                                              **_common(model))
-    return transformer.to(device)
+    return Flux2Transformer2DModel.from_pretrained(model.model_path, subfolder="transformer", **_common(model)).to(device)
 
 
 def load_generation_pipeline(model: ModelParams, device: torch.device, with_text_encoder: bool = False,
@@ -113,8 +128,7 @@ def load_generation_pipeline(model: ModelParams, device: torch.device, with_text
     """The full pipeline for image generation; without the text encoder unless asked (validation uses cached prompts).
     move=False leaves it in CPU memory (for offloading)."""
     extra = {} if with_text_encoder else dict(text_encoder=None, tokenizer=None)
-    with loading(model, "pipeline"):
-        pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
+    pipe = pipeline_class(model).from_pretrained(model.model_path, **extra, **_common(model))
     if move:
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

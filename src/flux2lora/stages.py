@@ -62,12 +62,21 @@ STAGES: dict[str, Callable[[Params, Path], dict]] = {
 }
 
 
+# The stages that load the base model (or parts of it).
+MODEL_STAGES = ("encode-text", "encode-latents", "train", "validate")
+
+
 def run_stage(name: str, params_path: str | Path = PARAMS_FILE) -> dict:
     """Run one stage in this process, reading params.yaml; returns the stage's summary."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     params_path = Path(params_path).resolve()
     params = load_params(params_path)
+    if name in MODEL_STAGES:
+        from .models import model_errors
+
+        with model_errors(params.model):  # a base model that is not there: a message, not an OSError
+            return STAGES[name](params, params_path.parent)
     return STAGES[name](params, params_path.parent)
 
 

@@ -80,10 +80,7 @@ class PromptEncoder:
         compute_dtype = torch_dtype(precision) if precision in ("fp32", "bf16", "fp16") \
             else torch_dtype(model.base_model_default_dtype)
         common = dict(revision=model.revision)
-        from .models import loading
-
-        with loading(model, "text encoder"):  # the first file read: a missing model fails here
-            config = AutoConfig.from_pretrained(model.model_path, subfolder="text_encoder", **common)
+        config = AutoConfig.from_pretrained(model.model_path, subfolder="text_encoder", **common)
         text_config = _text_config(config)
         deepest = max(layers)
         if deepest > text_config.num_hidden_layers:
