@@ -1,5 +1,5 @@
-"""Caches that heal where the pipeline reads them: train (and validate) check the entries they are about to use and
-re-encode damaged ones through the encode stages' own functions before reading anything.
+"""Caches that heal where the pipeline reads them: before train (and validate) run, the entries they are about to
+use are checked and damaged ones re-encoded through the encode stages' own functions.
 
 Why here and not in DVC: DVC trusts its record of a file's (inode, size, mtime), so bit rot that keeps the mtime
 (a flipped byte, a restored backup) leaves `dvc status` saying everything is up to date, and the encode stages'
@@ -67,15 +67,13 @@ def _encode(params: Params, root: Path, name: str) -> dict:
     raise ValueError(f"no encode stage fills a store named {name!r}")
 
 
-def repair_caches(params: Params, root: Path, stores: tuple[str, ...] = STORES, accelerator=None) -> dict:
+def repair_caches(params: Params, root: Path, stores: tuple[str, ...] = STORES) -> dict:
     """Check the entries the current index.json files of `stores` use; delete damaged shards and re-encode their
     entries (and any missing ones) with the encode stage of each store. Returns {store: {"damaged_shards": [...],
     "missing_entries": n, "reencoded": n}} for the stores that needed a repair ({} when all were intact).
 
-    With several processes (`accelerator`), the main one repairs while the others wait."""
-    if accelerator is not None and not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return {}
+    Called once per stage run, before the stage reads anything (flux2lora.stages.run_stage; for a multi-process
+    train, by the launcher before it starts the processes), so no two processes repair at once."""
     layout = layout_for(root, params.output_dir)
     repaired: dict[str, dict] = {}
     for name in stores:
@@ -101,6 +99,4 @@ def repair_caches(params: Params, root: Path, stores: tuple[str, ...] = STORES, 
         with open(layout.state_dir / REPAIRS_FILE, "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "store": name,
                                 **repaired[name]}, sort_keys=True) + "\n")
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
     return repaired

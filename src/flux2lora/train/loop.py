@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from .. import faults, tracking
 from ..cache.latents import read_latent_index
-from ..cache.repair import repair_caches
 from ..cache.store import TensorStore
 from ..cache.text import read_text_index
 from ..config import Params, TrainParams
@@ -164,7 +163,6 @@ def train(params: Params, root: Path) -> dict:
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     main_process = rank == 0
     device = accelerator.device if accelerator else resolve_device(params.model.device)
-    repair_caches(params, root, accelerator=accelerator)  # bit rot re-encoded before anything is read (cache/repair.py)
     samples, empty_key = load_samples(layout)
     latent_store, text_store = TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir)
     batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch

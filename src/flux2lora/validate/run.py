@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .. import tracking
-from ..cache.repair import repair_caches
 from ..config import Params
 from ..io import write_json_atomic
 from ..layout import layout_for
@@ -36,7 +35,6 @@ def validate(params: Params, root: Path) -> dict:
     layout = layout_for(root, params.output_dir)
     run_id = tracking.read_run_id(layout.run_file)
     device = resolve_device(params.model.device)
-    repair_caches(params, root, stores=("text_embeds",))  # the prompts' embeddings, re-encoded if damaged
     pipe = load_generation_pipeline(params.model, device, move=not cfg.enable_group_offload)
     prompts = load_cached_prompts(layout, device, pipe.transformer.dtype)
 
