@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect.tasks import exponential_backoff
 
 from flux2lora.config import ParamsError
+from flux2lora.errors import UserError
 
 RETRIES = 3
 BACKOFF_S = 10
@@ -17,12 +18,14 @@ BACKOFF_S = 10
 
 def _permanent(exc: BaseException) -> bool:
     """Errors that end the same way on every attempt: invalid params, a loss that diverged (resuming from the
-    last checkpoint would diverge again), params that fail validation."""
+    last checkpoint would diverge again), params that fail validation, and every other permanent user error
+    (a missing model folder, an absent device, a refused publish: flux2lora.errors)."""
     from pydantic import ValidationError
 
     from flux2lora.train.step import TrainingDiverged
 
-    return isinstance(exc, (ParamsError, TrainingDiverged, ValidationError))
+    return isinstance(exc, (ParamsError, TrainingDiverged, ValidationError)) or \
+        (isinstance(exc, UserError) and exc.permanent)
 
 
 def retry_unless_permanent(task, task_run, state) -> bool:

@@ -48,8 +48,9 @@ def test_a_second_training_of_the_project_is_refused_with_the_holder(encoded):
     layout = layout_for(encoded, "outputs")
     with TrainingLock(layout.state_dir / "training.lock"):
         proc = train(encoded)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # a user error: a message, no traceback
     message = proc.stdout + proc.stderr
+    assert "Traceback" not in message
     assert "another training of this project is running (pid" in message and "training.lock" in message, message
     assert not layout.lora_file.exists(), "the refused training must not write anything"
 

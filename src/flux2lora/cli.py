@@ -13,31 +13,56 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="LoRA training for FLUX.2 (klein-4b, klein-9b, dev): stages, tiny models, demo data.")
 
 
+_debug = False
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", envvar="FLUX2LORA_DEBUG",
+                                        help="show the traceback behind an error message (also FLUX2LORA_DEBUG=1)")):
+    global _debug
+    _debug = debug
+
+
 def _setup_logging() -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # stderr: stdout carries only the command's result (`flux2lora stage X --json > summary.json`)
     logging.basicConfig(level=logging.INFO, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(rich_tracebacks=False, show_path=False)])
+                        handlers=[RichHandler(console=Console(stderr=True), rich_tracebacks=False, show_path=False)])
 
 
 def _fail(message: str) -> None:
+    """Print `message` (which names the file or key and what to do) on stderr and exit with code 2; with --debug,
+    the traceback of the exception being handled comes first."""
+    if _debug and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc(file=sys.stderr)
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    if not _debug:
+        typer.secho("(flux2lora --debug ..., or FLUX2LORA_DEBUG=1, shows the traceback)", err=True)
     raise typer.Exit(2)
 
 
 @app.command("stage")
 def stage(name: str = typer.Argument(..., help="prepare | encode-text | encode-latents | train | validate | publish"),
-          params: Path = typer.Option(Path("params.yaml"), "--params", help="params file (its folder is the project root)")):
+          params: Path = typer.Option(Path("params.yaml"), "--params",
+                                      help="params file (its folder is the project root)"),
+          as_json: bool = typer.Option(False, "--json", help="the summary as one line of JSON (sorted keys) on stdout; "
+                                                              "without it, indented for reading. Logs and progress "
+                                                              "always go to stderr")):
     """Run one pipeline stage (what `dvc repro` calls)."""
-    from .config import ParamsError
+    from .errors import UserError
     from .stages import run_stage
 
     _setup_logging()
     try:
         summary = _launch_if_distributed(name, params) or run_stage(name, params)
-    except (ParamsError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError) as e:  # ParamsError is both a UserError and a ValueError
         _fail(str(e))
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json.dumps(summary, sort_keys=True, default=str) if as_json else
+               json.dumps(summary, indent=2, default=str))
 
 
 def _launch_if_distributed(name: str, params_path: Path) -> dict | None:
@@ -94,12 +119,20 @@ def demo_data(folder: Path = typer.Argument(Path("data/demo")), count: int = 8, 
 @app.command("check-params")
 def check_params(params: Path = typer.Option(Path("params.yaml"), "--params")):
     """Validate params.yaml: unknown keys and bad values are reported with the closest valid key."""
-    from .config import ParamsError, load_params
+    from .config import ParamsError, load_params, project_root
+    from .data.links import DVCIGNORE, sync_dvcignore
 
     try:
-        load_params(params)
+        loaded = load_params(params)
     except ParamsError as e:
         _fail(str(e))
+    # the data root's dangling symlinks, hidden from DVC's hashing (which would stop at them before prepare runs)
+    data_root = project_root(params) / loaded.prepare.data_root
+    dangling = sync_dvcignore(data_root, project_root(params))
+    for link in dangling:
+        typer.secho(f"warning: {loaded.prepare.data_root}/{link} is a dangling symbolic link: prepare skips it and "
+                    f"{DVCIGNORE} hides it from DVC; fix or delete it", err=True,
+                    fg=typer.colors.YELLOW)
     typer.echo(f"{params}: ok")
 
 
@@ -118,6 +151,7 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
                  device: str = typer.Option("auto", "--device"),
                  dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU)")):
     """Generate one image with a LoRA, to try a result on any flavour."""
+    from .errors import UserError
     from .generate import generate
 
     _setup_logging()
@@ -125,7 +159,7 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
         image = generate(prompt, lora, scale=scale, seed=seed, width=width, height=height,
                          num_inference_steps=steps, guidance=guidance, negative_prompt=negative_prompt,
                          model_path=model, flavour=flavour, device=device, dtype=dtype)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)

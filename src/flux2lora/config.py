@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .data.config import (DatasetConfig, DatasetOptions, apply_dataset_defaults, check_datasets,
                           text_embeds_write_batch_size)
+from .errors import UserError
 from .flavours import DEFAULT_FLAVOUR, get_flavour
 
 PARAMS_FILE = "params.yaml"
@@ -273,6 +274,13 @@ class ValidateParams(Section):
         """Parsed `validation_resolution` as (width, height) pairs, each a multiple of 16."""
         return parse_resolutions(self.validation_resolution)
 
+    @field_validator("validation_resolution")
+    @classmethod
+    def _resolutions_parse(cls, value: str) -> str:
+        # checked here, not first in the validate stage after hours of training
+        parse_resolutions(value)
+        return value
+
 
 class PublishParams(Section):
     """Where the LoRA, its model card and samples go after training: a folder, S3, the Hub, the MLflow registry."""
@@ -289,6 +297,41 @@ class PublishParams(Section):
     registered_model_name: str | None = "flux2-lora"
     # The words that call up the LoRA, for the model card and the published files' metadata (publish only).
     trigger_phrase: str = ""
+
+    @field_validator("s3_uri")
+    @classmethod
+    def _s3_folder_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from urllib.parse import urlparse
+
+        parsed = urlparse(value)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ValueError(f"{value!r} is not of the form s3://bucket/prefix (e.g. s3://my-bucket/loras)")
+        if not parsed.path.strip("/"):
+            # publishing removes objects of the folder it does not publish: never the whole bucket
+            raise ValueError(f"{value!r} is a bucket's root; publish into a folder of it: s3://{parsed.netloc}/loras")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL (MinIO: http://localhost:9000)")
+        return value
+
+    @field_validator("hub_repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(value)
+        except HFValidationError as e:
+            raise ValueError(f"{value!r} is not a Hub repo id (user/name): {e}") from None
+        return value
 
 
 class TrackingParams(Section):
@@ -350,6 +393,18 @@ class Params(Section):
             self.encode_text.write_batch_size = size
         return self
 
+    @model_validator(mode="after")
+    def _outputs_outside_data_root(self):
+        # prepare refuses this too, but only once it runs; relative paths (the usual case) are checked here already,
+        # absolute ones against each other (a mix needs the project folder, which prepare has)
+        data_root, output_dir = Path(os.path.normpath(self.prepare.data_root)), Path(os.path.normpath(self.output_dir))
+        if data_root.is_absolute() == output_dir.is_absolute() and \
+                (output_dir == data_root or data_root in output_dir.parents or str(data_root) == "."):
+            raise ValueError(f"prepare.data_root {self.prepare.data_root!r} contains output_dir {self.output_dir!r}: "
+                             "DVC would see the pipeline's own outputs as prepare's input; keep output_dir outside "
+                             "data_root (e.g. data_root: data, output_dir: outputs)")
+        return self
+
     def flat(self) -> dict[str, Any]:
         """All params as `section.key` -> value, for MLflow."""
         return flatten(self.model_dump(by_alias=True, mode="json"))
@@ -390,7 +445,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class ParamsError(ValueError):
+class ParamsError(UserError, ValueError):
     """params.yaml is not valid; the message names the file, the key and what to do."""
 
 
@@ -458,7 +513,7 @@ def _explain(error: ValidationError, source: str) -> str:
             hint = f"; did you mean {near!r}?" if close else f"; valid keys here: {', '.join(valid)}"
             lines.append(f"unknown key {where!r}{hint}")
         else:
-            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if where else err["msg"])
     return f"{source}: invalid params:\n  " + "\n  ".join(lines)
 
 
@@ -485,12 +540,30 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | None) -> di
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping: YAML parsers keep the last value silently, and DVC
+    refuses the file, so the pipeline and this checker must agree."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults` may be overridden by the keys beside it
+            key = key_node.value
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one section (lines {seen[key] + 1} and "
+                    f"{key_node.start_mark.line + 1}); keep one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_raw_params(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):

@@ -61,6 +61,9 @@ def stream(cmd: list[str], cwd: Path, logger, env: dict | None = None, keep: int
 
 def launch_train(root: Path, params: Params, logger, params_file: str = "params.yaml") -> dict:
     """Train with `accelerate launch` on runtime.num_processes processes; returns the stage's summary (metrics)."""
+    from .stages import heal_caches
+
+    heal_caches("train", params, root)  # once, here: the processes then only read the caches
     stream(accelerate_command(root, params, params_file), cwd=root, logger=logger)
     layout = layout_for(root, params.output_dir)
     metrics = json.loads(layout.train_metrics.read_text())

@@ -8,6 +8,7 @@ passes through our params.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelParams
+from .errors import DeviceUnavailable, ModelNotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,66 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """`model.device` as a torch device: "auto" is cuda when available, else cpu. DeviceUnavailable when it names
+    an accelerator this machine (or this torch build) does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceUnavailable(f"model.device: {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable(
+                f"model.device: {name!r}, but CUDA is not available here (torch {torch.__version__}, "
+                f"{'built without CUDA' if torch.version.cuda is None else 'no GPU visible'}); set model.device: auto "
+                "(cuda when there is one) or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"model.device: {name!r}, but this machine has {torch.cuda.device_count()} CUDA "
+                                    f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1}); pick one of them")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable(f"model.device: {name!r}, but MPS is not available here; set model.device: auto or cpu")
+    return device
+
+
+@contextlib.contextmanager
+def model_errors(model: ModelParams):
+    """Turn a stage's failure to load `model.pretrained_model_name_or_path` into ModelNotFound naming the key and
+    what to do, when the model is really not there: no such local folder, not in the Hub cache, and the Hub lookup
+    fails (no such repo, no access, or no connection). Any other error passes unchanged."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        # diffusers says ValueError for a path that is no repo id either ("/abs/missing"): only when it names it
+        if isinstance(e, UserError) or (not isinstance(e, OSError) and str(model.model_path) not in str(e)):
+            raise
+        lookup = _why_model_unavailable(model)
+        if lookup is None:
+            raise
+        raise ModelNotFound(
+            f"model.pretrained_model_name_or_path: {model.model_path!r} is not a local folder (relative to "
+            f"params.yaml) and the Hugging Face Hub lookup failed ({lookup}). Point it at a diffusers FLUX.2 folder "
+            "(e.g. one written by `flux2lora make-tiny-model`) or a Hub id (e.g. black-forest-labs/FLUX.2-klein-base-4B); "
+            "gated repos need `huggingface-cli login`, and with HF_HUB_OFFLINE=1 only models already in the Hub "
+            "cache load") from e
+
+
+def _why_model_unavailable(model: ModelParams) -> str | None:
+    """Why the base model cannot be had, or None when it can (a local folder, a Hub-cache copy, or a Hub repo that
+    answers): then a loading error has another cause."""
+    path = model.model_path
+    if Path(path).is_dir():
+        return None
+    from huggingface_hub import model_info, try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(path, "model_index.json", revision=model.revision), str):
+            return None
+        model_info(path, revision=model.revision)
+    except Exception as lookup:  # HFValidationError, RepositoryNotFoundError, GatedRepoError, OfflineModeIsEnabled
+        text = str(lookup).strip().splitlines()
+        return f"{type(lookup).__name__}: {text[0]}" if text else type(lookup).__name__
+    return None
 
 
 def pipeline_class(model: ModelParams):

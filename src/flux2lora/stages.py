@@ -8,10 +8,12 @@ question (`DvcPipeline.is_current`), calls the same stage function, then records
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable
 
 from .config import PARAMS_FILE, Params, load_params
+from .layout import layout_for
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +71,44 @@ STAGES: dict[str, Callable[[Params, Path], dict]] = {
 }
 
 
+# The stages that load the base model (or parts of it).
+MODEL_STAGES = ("encode-text", "encode-latents", "train", "validate")
+
+
+def caches_read_by(name: str, params: Params, root: Path) -> tuple[str, ...]:
+    """The cache stores (folders under output_dir) stage `name` reads: checked and healed before it runs."""
+    if name == "train":
+        return ("latents", "text_embeds")
+    if name == "validate":  # the validation prompts' embeddings: their own store where there is one
+        own = layout_for(root, params.output_dir).output_dir / "prompt_embeds" / "index.json"
+        return ("prompt_embeds",) if own.exists() else ("text_embeds",)
+    return ()
+
+
+def heal_caches(name: str, params: Params, root: Path) -> dict:
+    """Bit rot that DVC cannot see (the file's mtime kept) re-encoded before stage `name` reads the caches
+    (cache/repair.py). Not inside one of several training processes: their launcher did it before starting them."""
+    stores = caches_read_by(name, params, root)
+    if not stores or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return {}
+    from .cache.repair import repair_caches
+
+    return repair_caches(params, root, stores)
+
+
 def run_stage(name: str, params_path: str | Path = PARAMS_FILE) -> dict:
     """Run one stage in this process, reading params.yaml; returns the stage's summary."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; stages are: {', '.join(STAGES)}")
     params_path = Path(params_path).resolve()
     params = load_params(params_path)
-    return STAGES[name](params, params_path.parent)
+    if name not in MODEL_STAGES:
+        return STAGES[name](params, params_path.parent)
+    from .models import model_errors
+
+    with model_errors(params.model):  # a base model that is not there: a message, not an OSError
+        heal_caches(name, params, params_path.parent)
+        return STAGES[name](params, params_path.parent)
 
 
 class DvcPipeline:
@@ -116,10 +149,24 @@ class DvcPipeline:
             raise ValueError(f"{self.root / 'dvc.yaml'} has no stage {name!r}")
         return self._stages[name]
 
+    def _hide_dangling_links(self) -> None:
+        """Bring the `.dvcignore` block of prepare.data_root's dangling symlinks up to date before DVC hashes the data
+        root (data/links.py); DVC re-reads its ignore rules when they changed."""
+        from .data.links import sync_dvcignore
+
+        data_root = self.root / load_params(self.root / PARAMS_FILE).prepare.data_root
+        ignore = self.root / ".dvcignore"
+        before = ignore.read_bytes() if ignore.exists() else None
+        sync_dvcignore(data_root, self.root)
+        if (ignore.read_bytes() if ignore.exists() else None) != before:
+            self._repo._reset()  # drops DVC's cached ignore filter
+
     def is_current(self, name: str) -> bool:
         """True when dvc.lock says `name` is up to date with its deps, params and outs (`dvc status NAME`)."""
         from dvc.repo import lock_repo
 
+        if name == "prepare":
+            self._hide_dangling_links()
         stage = self._stage(name)
         with lock_repo(self._repo):
             return not stage.status(check_updates=True)

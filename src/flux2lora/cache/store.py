@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..io import write_atomic
+from ..errors import UserError
+from ..io import write_atomic, write_safetensors_atomic
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,11 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-class CacheEntryDamaged(RuntimeError):
-    """A stored tensor does not match its checksum: the encode stage must compute it again."""
+class CacheEntryDamaged(UserError, RuntimeError):
+    """A stored tensor does not match its checksum: the encode stage must compute it again. Not permanent: the
+    next run of train or validate re-checks the cache and re-encodes damaged entries first (cache/repair.py)."""
+
+    permanent = False
 
 
 class _DamagedShard(Exception):
@@ -196,13 +199,14 @@ class TensorStore:
                 tensors = {name: f.get_tensor(f"{key}/{name}").clone() for name in entry.checksums}
         except Exception as e:
             self._withdraw(entry.shard)
-            raise CacheEntryDamaged(f"{path}: cannot read entry {key} ({e}); re-run the encode stage, which "
-                                    "re-checks the shard and encodes its entries again") from None
+            raise CacheEntryDamaged(f"{path}: cannot read entry {key} ({e}); run the stage again (dvc repro): it "
+                                    "re-checks the cache first and re-encodes damaged entries") from None
         for name, tensor in tensors.items():
             if tensor_digest(tensor) != entry.checksums[name]:
                 self._withdraw(entry.shard)
                 raise CacheEntryDamaged(f"{path}: entry {key}/{name} does not match its checksum (damaged on disk); "
-                                        "re-run the encode stage, which re-checks the shard and encodes it again")
+                                        "run the stage again (dvc repro): it re-checks the cache first and "
+                                        "re-encodes damaged entries")
         return tensors
 
     def _withdraw(self, shard: str) -> None:
@@ -228,7 +232,7 @@ class TensorStore:
         name = hashlib.sha256("\n".join(sorted(pending)).encode()).hexdigest()[:24] + SHARD_SUFFIX
         path = self.shards_dir / name
         metadata = {"format": FORMAT, "entries": json.dumps(checksums, sort_keys=True)}
-        write_atomic(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+        write_safetensors_atomic(path, flat, metadata)  # sorted metadata: the same entries give the same bytes
         for key in pending:
             catalog[key] = _Entry(name, checksums[key])
         self._shard_keys[name] = set(pending)

@@ -58,11 +58,40 @@ def size_for_aspect(aspect: float, resolution: float, resolution_type: str) -> t
     return align(width), align(height)
 
 
-def choose_aspect(width: int, height: int, options: DatasetOptions, seed: str) -> float:
-    """The bucket's width/height for an image of (width, height) under the dataset's crop rules."""
+def aspect_range(options: DatasetOptions) -> tuple[float, float]:
+    """The smallest and largest bucket aspect ratio (width/height) of a dataset: its crop_aspect_buckets, else
+    DEFAULT_ASPECT_BUCKETS (1:2 .. 2:1)."""
+    buckets = options.crop_aspect_buckets or DEFAULT_ASPECT_BUCKETS
+    return min(buckets), max(buckets)
+
+
+def aspect_out_of_range(width: int, height: int, options: DatasetOptions) -> str | None:
+    """Why an image cannot be trained uncropped (crop: false) at its own shape, or None: its aspect ratio is
+    outside the buckets' range, so its bucket would be a strip (a 16x8000 image at resolution 1024 would be
+    1024x512000 pixels). With crop: true such images are cropped to the nearest bucket instead."""
+    if options.crop:
+        return None
+    low, high = aspect_range(options)
     own = width / height
-    if not options.crop or options.crop_aspect == "preserve":
+    if low <= own <= high:
+        return None
+    return (f"{width}x{height} has aspect ratio {own:.3g}, outside the buckets' range {low:g}..{high:g} "
+            "(crop_aspect_buckets); with crop: false it would train at that shape. Set crop: true to crop it to the "
+            "nearest bucket, widen crop_aspect_buckets, or crop the file")
+
+
+def choose_aspect(width: int, height: int, options: DatasetOptions, seed: str) -> float:
+    """The bucket's width/height for an image of (width, height) under the dataset's crop rules. `preserve` keeps
+    the image's own ratio within the buckets' range (aspect_range) and crops beyond it to the nearest end."""
+    own = width / height
+    if not options.crop:
+        reason = aspect_out_of_range(width, height, options)
+        if reason:  # prepare skips these first: planning one would be a memory bomb, not a training image
+            raise ValueError(reason)
         return own
+    if options.crop_aspect == "preserve":
+        low, high = aspect_range(options)
+        return min(max(own, low), high)
     if options.crop_aspect == "square":
         return 1.0
     buckets = options.crop_aspect_buckets or DEFAULT_ASPECT_BUCKETS
@@ -116,7 +145,8 @@ def plan_like(width: int, height: int, target: CropPlan) -> CropPlan:
 
 
 def plan_loose(width: int, height: int, target: CropPlan) -> CropPlan:
-    """A reference_loose image's plan: its own aspect ratio at about its edit image's area, centre-cropped."""
+    """A reference_loose image's plan: its own aspect ratio at about its edit image's area, centre-cropped (the
+    area, not a side, is fixed: an extreme ratio costs no more pixels than its edit image)."""
     area = target.bucket[0] * target.bucket[1]
     bucket = size_for_aspect(width / height, math.sqrt(area), "pixel_area")
     resize = cover(width, height, bucket)
@@ -139,8 +169,30 @@ def too_small(width: int, height: int, options: DatasetOptions) -> str | None:
     return None
 
 
+# apply_plan materialises the resized image only up to this many times the bucket's pixels; beyond (a thin strip
+# cropped to a square: a 16x8000 image at 1024 resizes to 1024x512000, 1.5 GB of RGB) it resizes only the region
+# that the crop keeps, so memory stays bounded by the bucket whatever the image's shape.
+MAX_RESIZE_OVER_BUCKET = 4
+
+
+def working_size(plan: CropPlan) -> tuple[int, int]:
+    """(width, height) of the largest image apply_plan holds for `plan`: the resized image, or the bucket itself
+    when that would exceed MAX_RESIZE_OVER_BUCKET times the bucket."""
+    (rw, rh), (bw, bh) = plan.resize, plan.bucket
+    return plan.resize if rw * rh <= MAX_RESIZE_OVER_BUCKET * bw * bh else plan.bucket
+
+
 def apply_plan(image: Image.Image, plan: CropPlan) -> Image.Image:
-    """Resize (Lanczos, as the pipelines) then crop an RGB image to its bucket."""
-    resized = image if image.size == plan.resize else image.resize(plan.resize, resample=Image.Resampling.LANCZOS)
+    """Resize (Lanczos, as the pipelines) then crop an RGB image to its bucket.
+
+    When the resized image would be much larger than the bucket (working_size), the crop's region of the source is
+    resized straight to the bucket (PIL's `box`): the same filter at the same sample positions, equal to
+    resize-then-crop up to rounding (at most 1 in a few pixels per 100k), without the huge intermediate image."""
     left, top = plan.offset
-    return resized.crop((left, top, left + plan.bucket[0], top + plan.bucket[1]))
+    (bw, bh), (rw, rh) = plan.bucket, plan.resize
+    if working_size(plan) == plan.bucket and plan.resize != plan.bucket:
+        sx, sy = image.size[0] / rw, image.size[1] / rh
+        return image.resize((bw, bh), resample=Image.Resampling.LANCZOS,
+                            box=(left * sx, top * sy, (left + bw) * sx, (top + bh) * sy))
+    resized = image if image.size == plan.resize else image.resize(plan.resize, resample=Image.Resampling.LANCZOS)
+    return resized.crop((left, top, left + bw, top + bh))

@@ -25,10 +25,11 @@ from tqdm.auto import tqdm
 from ..config import Params
 from ..io import write_json_atomic, write_jsonl_atomic
 from ..layout import layout_for
-from .buckets import plan_crop, plan_like, plan_loose, too_small
+from .buckets import aspect_out_of_range, plan_crop, plan_like, plan_loose, too_small
 from .captions import caption_source
 from .config import Dataset, relative_to_root, resolve_datasets
 from .images import ImageRejected, inspect_image
+from .links import DVCIGNORE, sync_dvcignore
 from .records import FileRecord, FileRecords
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,15 @@ WORKERS = min(8, os.cpu_count() or 1)
 # parsing and comparisons would cost more than the stat and caption read it needs.
 
 
-def list_files(folder: Path | str, suffixes: set[str]) -> list[str]:
+def list_files(folder: Path | str, suffixes: set[str], linked_folders: list[str] | None = None) -> list[str]:
     """Absolute paths of the files under `folder` with one of `suffixes`, sorted; hidden files and folders
-    (.DS_Store, ._x.jpg, .git) are passed over."""
+    (.DS_Store, ._x.jpg, .git) are passed over. Links to folders are not descended into (see data/links.py);
+    their paths are appended to `linked_folders` when it is given."""
     found = []
     for dirpath, dirnames, filenames in os.walk(str(folder)):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if linked_folders is not None:
+            linked_folders += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
         found += [os.path.join(dirpath, f) for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in suffixes]
     return sorted(found)
@@ -126,6 +130,14 @@ def prepare(params: Params, root: Path) -> dict:
         raise ValueError(f"prepare.data_root ({data_root}) contains output_dir: DVC would see the pipeline's own "
                          "outputs as its input; point data_root at the folder holding the datasets")
     datasets = resolve_datasets(cfg, root)
+    # dangling links out of DVC's sight first (a `.dvcignore` block in data_root), so the next `dvc status` can hash
+    # data_root; they are skipped below with their reason
+    dangling = sync_dvcignore(data_root, root)
+    if dangling:
+        log.warning("prepare: %d dangling symlink(s) in %s skipped and listed in %s: %s", len(dangling),
+                    cfg.data_root, DVCIGNORE, ", ".join(dangling[:5]) + (" ..." if len(dangling) > 5 else ""))
+    data_root_prefix = str(data_root) + os.sep
+    linked_outside: list[str] = []
     extensions = {e.lower() for e in cfg.image_extensions}
     multi = len(datasets) > 1
     root_prefix = str(root) + os.sep
@@ -140,10 +152,19 @@ def prepare(params: Params, root: Path) -> dict:
     for dataset in datasets:
         caption_for = caption_source(dataset.options, dataset.folder, root)
         folder = str(dataset.folder)
-        for path in list_files(folder, extensions | UNSUPPORTED_IMAGE_SUFFIXES):
+        linked_folders: list[str] = []
+        for path in list_files(folder, extensions | UNSUPPORTED_IMAGE_SUFFIXES, linked_folders):
             rel = _relative(path, folder)
             counted[dataset.id] += 1
             suffix = os.path.splitext(path)[1]
+            if os.path.islink(path):
+                if not os.path.exists(path):
+                    skipped.append(Skip(dataset.id, rel, "dangling_symlink",
+                                        f"{path}: a symbolic link to {os.readlink(path)}, which does not exist; fix "
+                                        f"or delete the link (meanwhile {DVCIGNORE} hides it from DVC)"))
+                    continue
+                if not os.path.realpath(path).startswith(data_root_prefix):
+                    linked_outside.append(manifest_path(path))
             if suffix.lower() not in extensions:
                 skipped.append(Skip(dataset.id, rel, "unsupported_format",
                                     f"{path}: {suffix} is not one of prepare.image_extensions; convert it"))
@@ -152,6 +173,11 @@ def prepare(params: Params, root: Path) -> dict:
                 candidates.append((dataset, path, rel, caption_for(path, rel)))
             except ImageRejected as e:
                 skipped.append(Skip(dataset.id, rel, e.reason, str(e)))
+        for link in linked_folders:
+            skipped.append(Skip(dataset.id, _relative(link, folder), "linked_folder",
+                                f"{link}: a symbolic link to a folder ({os.readlink(link)}); prepare does not follow "
+                                "links to folders: move or copy the folder into the dataset, or make it a dataset of "
+                                "its own in prepare.datasets"))
 
     # 2. references, paired by name: a missing one is an error, not a skip (an edit LoRA without its pair is wrong)
     reference_indexes = {c.id: _reference_index(c, extensions) for d in datasets for c in d.conditioning}
@@ -182,6 +208,10 @@ def prepare(params: Params, root: Path) -> dict:
         small = too_small(record.width, record.height, dataset.options)
         if small:
             skipped.append(Skip(dataset.id, rel, "too_small", f"{path}: {small}"))
+            continue
+        extreme = aspect_out_of_range(record.width, record.height, dataset.options)
+        if extreme:
+            skipped.append(Skip(dataset.id, rel, "aspect_ratio", f"{path}: {extreme}"))
             continue
         plan = plan_crop(record.width, record.height, dataset.options, record.sha256)
         image_id = f"{dataset.id}/{rel}" if multi else rel
@@ -215,7 +245,7 @@ def prepare(params: Params, root: Path) -> dict:
                          f"({len(skipped)} skipped: {dict(Counter(s.reason for s in skipped))}); see report.json")
     seconds = time.perf_counter() - started
     report = build_report(cfg.data_root, datasets, counted, images, skipped, inspected, len(to_inspect) - inspected,
-                          seconds, root)
+                          root, sorted(linked_outside))
     write_jsonl_atomic(layout.images_manifest, images)
     write_jsonl_atomic(layout.captions_manifest, captions)
     write_json_atomic(layout.prepare_report, report)
@@ -226,8 +256,14 @@ def prepare(params: Params, root: Path) -> dict:
 
 
 def build_report(data_root: str, datasets: list[Dataset], counted: Counter, images: list[dict], skipped: list[Skip],
-                 inspected: int, remembered: int, seconds: float, root: Path) -> dict:
-    """The prepare report: totals, per-dataset and per-reason counts, every skipped file, bucket sizes."""
+                 inspected: int, remembered: int, root: Path, linked_outside: list[str] = ()) -> dict:
+    """The prepare report: totals, per-dataset and per-reason counts, every skipped file, bucket sizes, files that
+    are links to outside the data root. Byte-stable: paths relative to the project root, no timings."""
+    root_prefix = str(Path(root).resolve()) + os.sep
+
+    def relocatable(skip: Skip) -> dict:
+        return {**skip.to_json(), "detail": skip.detail.replace(root_prefix, "")}
+
     by_reason = lambda skips: dict(sorted(Counter(s.reason for s in skips).items()))  # noqa: E731
     accepted = Counter(row["dataset"] for row in images)
     per_dataset = {d.id: {"folder": relative_to_root(d.folder, root), "candidates": counted[d.id],
@@ -238,9 +274,9 @@ def build_report(data_root: str, datasets: list[Dataset], counted: Counter, imag
     buckets = Counter(f"{row['bucket'][0]}x{row['bucket'][1]}" for row in images)
     return {"data_root": data_root, "datasets": per_dataset, "candidates": sum(counted.values()),
             "accepted": len(images), "skipped": len(skipped), "skipped_by_reason": by_reason(skipped),
-            "skipped_files": [s.to_json() for s in sorted(skipped, key=lambda s: (s.dataset, s.file))],
+            "skipped_files": [relocatable(s) for s in sorted(skipped, key=lambda s: (s.dataset, s.file))],
             "buckets": dict(sorted(buckets.items())), "inspected": inspected, "remembered": remembered,
-            "seconds": round(seconds, 3)}
+            "linked_outside_data_root": list(linked_outside)}
 
 
 def log_prepare_report(mlflow, layout) -> None:

@@ -8,20 +8,25 @@ the stage before the registry, and the S3 folder is left without its manifest (s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import shutil
 from pathlib import Path
 
+from boto3.exceptions import S3UploadFailedError
+
 from .. import tracking
-from ..config import Params
+from ..config import Params, ParamsError
+from ..data.config import relative_to_root
+from ..errors import PublishFailed
 from ..export import export_bfl
 from ..io import write_json_atomic, write_text_atomic
 from ..layout import layout_for
 from ..train.lora import read_lora_metadata
 from .model_card import model_card
-from .s3 import MIB, TransferSettings, sha256_of, upload_folder
+from .s3 import MIB, PublishVerificationError, TransferSettings, parse_s3_uri, sha256_of, upload_folder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,61 @@ def transfer_settings(params: Params) -> TransferSettings:
                             max_attempts=cfg.s3_max_attempts)
 
 
+def check_destinations(params: Params) -> None:
+    """ParamsError for a destination that cannot work, before publish touches anything (params.yaml is checked
+    when loaded; this covers Params built in code)."""
+    cfg = params.publish
+    if cfg.s3_uri:
+        try:
+            _, prefix = parse_s3_uri(cfg.s3_uri)
+        except ValueError as e:
+            raise ParamsError(str(e)) from None
+        if not prefix:
+            raise ParamsError(f"publish.s3_uri: {cfg.s3_uri!r} is a bucket's root; publish into a folder of it "
+                              "(s3://bucket/prefix)")
+
+
+# Answers a retry can change: the store was busy or down (botocore has already retried these s3_max_attempts times).
+_TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+                       "500", "502", "503", "504"}
+
+
+@contextlib.contextmanager
+def publish_errors(key: str, destination: str):
+    """Turn a refused or failed upload into PublishFailed naming `key` and what to check. Connection failures
+    (after botocore's and huggingface_hub's own retries) are not permanent: the store may come back."""
+    from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError, ConnectTimeoutError,
+                                     EndpointConnectionError, NoCredentialsError, ReadTimeoutError)
+
+    try:
+        yield
+    except PublishVerificationError as e:
+        raise PublishFailed(f"{key} {destination}: an upload did not verify ({e}); nothing was registered and the "
+                            "folder has no manifest. Run publish again (dvc repro)", permanent=False) from e
+    except NoCredentialsError as e:
+        raise PublishFailed(f"{key} {destination}: no AWS credentials ({e}); set AWS_ACCESS_KEY_ID / "
+                            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE (never params.yaml), then run publish again") from e
+    except (ClientError, BotoCoreError, S3UploadFailedError) as e:
+        cause = e.__context__ if isinstance(e, S3UploadFailedError) else e
+        code = cause.response.get("Error", {}).get("Code", "") if isinstance(cause, ClientError) else ""
+        transient = isinstance(cause, (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError,
+                                       ReadTimeoutError)) or code in _TRANSIENT_S3_CODES
+        raise PublishFailed(
+            f"{key} {destination}: S3 refused the publish ({type(e).__name__}: {e}). Check the bucket name, the "
+            "credentials (AWS_* environment or ~/.aws, never params.yaml) and publish.s3_endpoint_url; nothing was "
+            "registered and the folder has no manifest. Run publish again once fixed", permanent=not transient) from e
+    except (OSError, ValueError) as e:  # huggingface_hub: HfHubHTTPError (an OSError), offline mode, bad ids
+        if key != "publish.hub_repo_id":
+            raise
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise PublishFailed(
+            f"{key} {destination}: the Hugging Face Hub refused the push ({type(e).__name__}: {first}). "
+            "Check the repo id, your token (HF_TOKEN or `huggingface-cli login`, with write access) and the "
+            "connection; nothing was registered. Run publish again once fixed",
+            permanent=status in (400, 401, 403, 404) or isinstance(e, ValueError)) from e
+
+
 def publish(params: Params, root: Path) -> dict:
     """Assemble the publish folder; upload it to S3 / the Hub when configured; tag the MLflow run; register.
 
@@ -66,6 +126,7 @@ def publish(params: Params, root: Path) -> dict:
     mlflow = tracking.configure(params, root)
     train_tags = mlflow.get_run(run_id).data.tags
 
+    check_destinations(params)  # before anything in outputs/publish changes
     out = layout.publish_dir
     if out.exists():
         shutil.rmtree(out)
@@ -96,16 +157,20 @@ def publish(params: Params, root: Path) -> dict:
     # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
 
-    result = {"folder": str(out), "files": sorted(p.name for p in out.iterdir()), "s3": None, "hub": None,
+    # the folder relative to the project (publish.json is byte-stable and relocatable), absolute when outside it
+    folder = relative_to_root(out, root)
+    result = {"folder": folder, "files": sorted(p.name for p in out.iterdir()), "s3": None, "hub": None,
               "registered_model": None}
     if cfg.s3_uri:
         uri = f"{cfg.s3_uri.rstrip('/')}/{run_name}"
-        result["s3"] = upload_folder(out, uri, cfg.s3_endpoint_url, settings=transfer_settings(params))["uri"]
+        with publish_errors("publish.s3_uri", uri):
+            result["s3"] = upload_folder(out, uri, cfg.s3_endpoint_url, settings=transfer_settings(params))["uri"]
     if cfg.hub_repo_id:
         from .hub import push_to_hub
 
-        result["hub"] = push_to_hub(out, cfg.hub_repo_id, private=cfg.hub_private,
-                                    commit_message=f"LoRA from MLflow run {run_id} ({run_name})")["url"]
+        with publish_errors("publish.hub_repo_id", cfg.hub_repo_id):
+            result["hub"] = push_to_hub(out, cfg.hub_repo_id, private=cfg.hub_private,
+                                        commit_message=f"LoRA from MLflow run {run_id} ({run_name})")["url"]
 
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags({"published_folder": str(out),

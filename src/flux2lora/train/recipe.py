@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .. import faults, tracking
 from ..cache.store import TensorStore
 from ..config import Params, TrainParams
+from ..errors import UserError
 from ..data.prepare import log_prepare_report
 from ..data.sampling import BucketBatches
 from ..io import write_json_atomic
@@ -340,8 +341,10 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0  # set by accelerate launch / torchrun for each process
 
 
-class TrainingLocked(RuntimeError):
-    """Another training of this project is running."""
+class TrainingLocked(UserError, RuntimeError):
+    """Another training of this project is running; a retry once it has finished succeeds (not permanent)."""
+
+    permanent = False
 
 
 class TrainingLock:
