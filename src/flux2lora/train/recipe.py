@@ -300,8 +300,8 @@ class LoRATrainingRecipe:
         metadata = {**describe_model(self.params.model), "rank": cfg.lora_rank,
                     "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": cfg.flux_lora_target,
                     "steps": self.max_steps, "processes": self.processes,
-                    "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root),
-                    "mlflow_run_id": run_log.run_id}
+                    "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root)}
+        # no MLflow run id (train/mlflow_run.json has it): identical inputs give a byte-identical LoRA file
         lora_file = save_diffusers_lora(self.transformer, pipeline_class(self.params.model), layout.lora_dir,
                                         metadata)
         run_log.finish(lora_file, self.last_loss)
