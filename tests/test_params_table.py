@@ -295,3 +295,26 @@ def test_check_params_refuses_every_key_without_an_effect(tmp_path, where, key):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert key in proc.stdout + proc.stderr and "has no effect" in proc.stdout + proc.stderr, proc.stderr
+
+
+def test_the_train_fingerprint_follows_the_table(trained_project):
+    """A checkpoint is resumed across every key that does not compute train (memory, speed, logging, processes,
+    publishing, another stage's) and never across one that does."""
+    from flux2lora.train.recipe import fingerprint
+
+    raw = read_raw_params(trained_project / "params.yaml")
+    base = parse_params(raw)
+    layout = layout_for(trained_project, "outputs")
+    reference = fingerprint(base, layout)
+    for key, kind in sorted(TABLE.items()):
+        if key in NOT_CHANGED_HERE:
+            continue
+        tree = json.loads(json.dumps(raw))
+        for dotted, value in {key: changed_value(key, _value(raw, base, key)), **COMPANIONS.get(key, {})}.items():
+            section, _, name = dotted.partition(".")
+            if name:
+                tree.setdefault(section, {})[name] = value
+            else:
+                tree[section] = value
+        changed = fingerprint(parse_params(tree), layout) != reference
+        assert changed == (isinstance(kind, Computes) and "train" in kind.stages), f"{key}: {kind}"
