@@ -183,7 +183,9 @@ def test_deployment_run_is_tracked_on_the_mlflow_server(stack: Stack) -> None:
     versions = mlflow_get(base, "model-versions/search", filter=f"run_id='{run_id}'")["model_versions"]
     assert [v["name"] for v in versions] == ["flux2-lora"], versions
     tags = {t["key"]: t["value"] for t in versions[0].get("tags", [])}
-    assert tags.get("lora_sha256") == hashlib.sha256(lora).hexdigest(), tags
+    # the published copy: train's file plus the trigger phrase, which publish alone writes into its metadata
+    published = (project / "outputs/publish" / LORA.name).read_bytes()
+    assert tags.get("lora_sha256") == hashlib.sha256(published).hexdigest(), tags
     candidate = mlflow_get(base, "registered-models/alias", name="flux2-lora", alias="candidate")["model_version"]
     assert candidate["version"] == versions[0]["version"] and candidate["run_id"] == run_id
 

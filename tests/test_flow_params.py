@@ -79,7 +79,7 @@ def test_invalid_run_parameters_change_nothing(params_file):
     before = params_file.read_bytes()
     with pytest.raises(ParamsError, match="learning_rate"):
         write_overrides(params_file, {"train.learning_rate": -1})
-    with pytest.raises(ParamsError, match="did you mean 'learning_rate'"):
+    with pytest.raises(ParamsError, match="did you mean 'train.learning_rate'"):
         write_overrides(params_file, {"train.learnig_rate": 0.1})
     assert params_file.read_bytes() == before
 
