@@ -10,6 +10,7 @@ log_every_n_steps (nothing that computes), under `dvc repro` and under the flow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -144,8 +145,8 @@ class Project:
         dvc.lock (after a test that ran it through DVC or the flow)."""
         self.params_file.write_text(self.original)
         run_stage("params", self.params_file)
-        if record:
-            with DvcPipeline(self.root) as dvc:
+        if record:  # DVC resolves the run cache's paths against the working directory
+            with contextlib.chdir(self.root), DvcPipeline(self.root) as dvc:
                 dvc.record("params")
 
     def stale_stages(self) -> list[str]:
