@@ -166,11 +166,9 @@ def project(tmp_path_factory):
         yield Project(root), api_url
 
 
-@pytest.mark.parametrize("key", sorted(TABLE))
+@pytest.mark.parametrize("key", sorted(set(TABLE) - set(NOT_CHANGED_HERE)))
 def test_changing_a_key_reruns_exactly_the_stages_the_table_names(project, key):
     project, _ = project
-    if key in NOT_CHANGED_HERE:
-        pytest.skip(NOT_CHANGED_HERE[key])
     kind = TABLE[key]
     expected = list(kind.stages) if isinstance(kind, Computes) else ["publish"] if kind == PUBLISHES else []
     raw = read_raw_params(project.params_file)
