@@ -57,7 +57,8 @@ def test_the_trained_projects_lora_is_registered_with_its_tags_and_is_the_candid
     assert version.tags["git_commit"] == run_tags["git_commit"]
     assert version.tags["dataset_dvc_hash"] == run_tags["dataset_dvc_hash"]
     assert version.tags["flavour"] == "tiny-klein-4b"
-    assert version.tags["lora_sha256"] == hashlib.sha256(layout.lora_file.read_bytes()).hexdigest()
+    published = layout.publish_dir / layout.lora_file.name  # train's LoRA plus publish's trigger phrase
+    assert version.tags["lora_sha256"] == hashlib.sha256(published.read_bytes()).hexdigest()
     assert "s3_uri" not in version.tags  # not published to S3 in this project
     assert version.source.endswith("/publish")
 
