@@ -19,8 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def _params(params: Params, root: Path) -> dict:
+    from .data.links import sync_dvcignore
     from .params_table import write_stage_inputs
 
+    # `params` is the first stage `dvc repro` runs, and DVC re-reads .dvcignore before it hashes prepare's data root:
+    # hiding the dangling symlinks here lets a plain first `dvc repro` pass over them (data/links.py)
+    sync_dvcignore(root / params.prepare.data_root, root)
     return write_stage_inputs(params, root)
 
 

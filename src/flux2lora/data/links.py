@@ -4,10 +4,11 @@ DVC hashes `prepare.data_root` (prepare's dependency) by following every link, a
 file or directory` at a link whose target is gone, before prepare could skip it (DVC has no option to pass over
 broken links: treeverse/dvc#9971). So the dangling links are kept out of DVC's sight by a block of the project's
 `.dvcignore` (DVC refuses one inside a dependency folder) that flux2lora maintains, and prepare skips them with the
-reason `dangling_symlink`. The block is brought up to date by `prepare`, `flux2lora check-params` and the Prefect
-flow's DVC check (before DVC hashes anything); the lines outside it are the user's and are kept as they are. A link
-that dangles before any of those has seen it stops a plain `dvc repro` in DVC itself, and a repaired link stays
-hidden until one of them runs: `flux2lora check-params` settles both in one step.
+reason `dangling_symlink`. The block is brought up to date by the `params` stage (the first `dvc repro`
+runs; DVC re-reads .dvcignore before hashing the next stage's deps), `prepare`, `flux2lora check-params` and the
+Prefect flow's DVC check (before DVC hashes anything); the lines outside it are the user's and are kept as they are.
+A link that breaks after `params` last ran (params.yaml unchanged) stops a plain `dvc repro` in DVC itself, and a
+repaired link stays hidden until one of them runs: `flux2lora check-params` settles both in one step.
 
 Links that resolve are followed, as DVC follows them: a link to a file outside the data root is trained on, and DVC
 hashes the content it points to, so editing the target re-runs prepare; such files are listed in report.json
