@@ -448,3 +448,22 @@ def test_every_stage_command_prints_its_summary_as_json_on_stdout_and_logs_on_st
         assert isinstance(summary, dict) and summary, stage
         assert proc.stdout.count("\n") == 1
         assert proc.stderr.strip(), f"{stage}: its logs should be on stderr"
+
+
+def test_a_moved_projects_report_names_a_rejected_file_as_before(tmp_path):
+    """A rejection remembered from before the move (prepare decodes nothing again) keeps its file relative."""
+    from flux2lora.stages import run_stage
+
+    (tmp_path / "first").mkdir()
+    first = params_only_project(tmp_path / "first")
+    (first / "data" / "demo" / "empty.png").write_bytes(b"")
+    (first / "data" / "demo" / "empty.txt").write_text("an image with no bytes")
+    run_stage("prepare", first / "params.yaml")
+    before = (first / "outputs/prepare/report.json").read_text()
+    assert "data/demo/empty.png" in before and str(first) not in before
+    moved = tmp_path / "moved"
+    shutil.move(str(first), moved)
+    run_stage("prepare", moved / "params.yaml")
+    after = json.loads((moved / "outputs/prepare/report.json").read_text())
+    assert after["inspected"] == 0  # remembered, not decoded again
+    assert after["skipped_files"] == json.loads(before)["skipped_files"]

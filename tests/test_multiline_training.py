@@ -65,3 +65,12 @@ def test_training_picks_lines_and_resumes_exactly(encoded, tmp_path, monkeypatch
     a = load_file(str(straight / "outputs/lora/pytorch_lora_weights.safetensors"))
     b = load_file(str(resumed / "outputs/lora/pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_every_lines_entry_counts_as_used_so_repair_checks_it(encoded):
+    """The lines after the first are in the index's caption_lines only: cache repair and `cache info` count them."""
+    from flux2lora.cache.info import _index_keys
+
+    index = json.loads((encoded / "outputs/text_embeds/index.json").read_text())
+    used = _index_keys(index)
+    assert all(k in used for keys in index["caption_lines"].values() for k in keys)

@@ -107,3 +107,22 @@ def test_project_cloned_through_a_dvc_remote_resumes_its_checkpoint(tmp_path, un
     trained = lora_of(clone)
     for key in trained:
         assert (trained[key] == uninterrupted[key]).all(), key
+
+
+def test_a_users_own_sqlite_store_is_never_rewritten_as_the_projects(tmp_path, monkeypatch):
+    """Only the project's own mlflow.db follows a move: with MLFLOW_TRACKING_URI naming another sqlite file, every
+    configure works on that store and no empty mlflow.db appears in the project."""
+    from helpers import REPO
+
+    from flux2lora.config import load_params
+    from flux2lora.tracking import configure
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(REPO / "params.yaml", project / "params.yaml")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'shared.db'}")
+    params = load_params(project / "params.yaml")
+    for _ in range(2):  # the second call finds the experiment: the path that used to open project/mlflow.db
+        mlflow = configure(params, project)
+        assert mlflow.get_experiment_by_name(params.tracking.experiment_name) is not None
+    assert not (project / "mlflow.db").exists()

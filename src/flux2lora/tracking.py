@@ -54,7 +54,7 @@ def configure(params: Params, root: Path):
         except Exception:  # created concurrently by another process
             if mlflow.get_experiment_by_name(name) is None:
                 raise
-    elif uri == default_tracking_uri(root) and uri.startswith("sqlite:"):
+    elif uri == f"sqlite:///{root / 'mlflow.db'}":  # the project's own store only, never a user's sqlite URI
         follow_moved_project(root / "mlflow.db", (root / "mlartifacts").as_uri())
     mlflow.set_experiment(name)
     os.environ.setdefault(ASYNC_BUFFERING_ENV, ASYNC_BUFFERING_S)
@@ -66,19 +66,24 @@ def follow_moved_project(db: Path, artifacts_uri: str) -> int:
     absolute artifact locations, so those under another folder's `mlartifacts` are rewritten to this project's.
     Returns how many experiments were moved. Other stores (a server, a user's URI) are never touched."""
     import sqlite3
+    from contextlib import closing
 
-    with sqlite3.connect(str(db)) as con:
+    if not db.is_file():  # sqlite would create an empty file and fail on its missing tables
+        return 0
+    with closing(sqlite3.connect(str(db))) as con, con:
         moved = [(eid, old) for eid, old in con.execute("SELECT experiment_id, artifact_location FROM experiments")
                  if old and old.rstrip("/").endswith("/mlartifacts") and old.rstrip("/") != artifacts_uri]
         for _, old in moved:
             old = old.rstrip("/")
+            # an exact prefix comparison: LIKE would ignore case and read `_` and `%` in paths as wildcards
+            prefix = (artifacts_uri, len(old) + 1, len(old), old)
             con.execute("UPDATE experiments SET artifact_location = ? || substr(artifact_location, ?) "
-                        "WHERE artifact_location LIKE ? || '%'", (artifacts_uri, len(old) + 1, old))
-            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE artifact_uri LIKE ? || '%'",
-                        (artifacts_uri, len(old) + 1, old))
+                        "WHERE substr(artifact_location, 1, ?) = ?", prefix)
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                        "WHERE substr(artifact_uri, 1, ?) = ?", prefix)
             for column in ("source", "storage_location"):
                 con.execute(f"UPDATE model_versions SET {column} = ? || substr({column}, ?) "
-                            f"WHERE {column} LIKE ? || '%'", (artifacts_uri, len(old) + 1, old))
+                            f"WHERE substr({column}, 1, ?) = ?", prefix)
     if moved:
         log.info("the project moved: MLflow artifact locations now point into %s", artifacts_uri)
     return len(moved)

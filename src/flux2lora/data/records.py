@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .images import MAX_IMAGE_PIXELS
@@ -64,6 +64,9 @@ class FileRecords:
         return record if record and record.size == size and record.mtime_ns == mtime_ns else None
 
     def add(self, path: Path, record: FileRecord) -> None:
+        if record.detail and self.root is not None:
+            # a rejection's explanation names the file: kept relative, so a moved project's report names it as before
+            record = replace(record, detail=record.detail.replace(str(self.root) + os.sep, ""))
         self._known[self._key(path)] = record
         self._pending.append((self._key(path), record.size, record.mtime_ns, record.sha256, record.width, record.height,
                               record.reason, record.detail))
