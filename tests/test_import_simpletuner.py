@@ -385,3 +385,28 @@ def test_imported_quickstart_prepares_its_dataset(project):
     assert summary["accepted"] == 2 and summary["skipped_by_reason"] == {"too_small": 1}  # 800^2 < 1024^2
     rows = [json.loads(line) for line in (project / "outputs/prepare/images.jsonl").read_text().splitlines()]
     assert all(row["bucket"] == [1024, 1024] and row["repeats"] == 10 for row in rows)
+
+
+def test_global_only_instance_prompt_overrides_every_backends_captions(tmp_path, project):
+    """SimpleTuner's data backend factory turns captions off in every backend when the global flag is set (a
+    backend's own flag, else the global one), whatever the backend's caption_strategy."""
+    backends = [dict(ONE_DATASET[0]), {"id": "e", "type": "local", "instance_data_dir": "datasets/e",
+                                       "caption_strategy": "filename"}]
+    report, params = imported(tmp_path, project, {"only_instance_prompt": True, "instance_prompt": "sks dog"},
+                              backends)
+    assert [d.caption_strategy for d in params.prepare.datasets] == ["instanceprompt", "instanceprompt"]
+    assert {m["target"] for m in report.mapped if "global only_instance_prompt" in m["source"]} == {
+        "prepare.datasets[d].caption_strategy", "prepare.datasets[e].caption_strategy"}
+    _, params = imported(tmp_path, project, {"only_instance_prompt": False}, backends)
+    assert [d.caption_strategy for d in params.prepare.datasets] == ["textfile", "filename"]
+
+
+def test_a_parquet_tables_size_columns_are_reported_without_effect(tmp_path, project):
+    backend = {"id": "p", "type": "local", "instance_data_dir": "datasets/p", "caption_strategy": "parquet",
+               "parquet": {"path": "meta.parquet", "filename_column": "id", "caption_column": "caption",
+                           "width_column": "width", "height_column": "height"}}
+    report, params = imported(tmp_path, project, {"lora_rank": 4}, [backend])
+    parquet = params.prepare.datasets[0].parquet
+    assert (parquet.path, parquet.filename_column, parquet.caption_column) == ("meta.parquet", "id", "caption")
+    assert {e["source"] for e in report.no_effect} >= {"multidatabackend.json[p] parquet.width_column",
+                                                       "multidatabackend.json[p] parquet.height_column"}

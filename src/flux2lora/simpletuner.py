@@ -554,6 +554,8 @@ BACKEND_REFUSED = {
     "conditioning": "generated conditioning (canny, ...) is not supported: give a conditioning dataset",
     "probability": "datasets are sampled by their repeats, not a probability",
 }
+# a parquet table's image size columns: SimpleTuner's metadata shortcut; prepare reads each image's size itself
+PARQUET_SIZE_COLUMNS = {"width_column", "height_column"}
 BACKEND_DATASET_KEYS = set(DatasetConfig.model_fields) - {"type", "default", "cache_dir", "write_batch_size"}
 
 # Sections a SimpleTuner config describes entirely: what it does not set takes SimpleTuner's default there, or ours
@@ -746,6 +748,10 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
     """SimpleTuner's data backends -> `prepare.datasets` entries (a text_embeds backend -> encode_text); every key
     reported. A backend that is not a local folder stops the import."""
     datasets = []
+    # SimpleTuner's global only_instance_prompt turns captions off in every backend, whatever its caption_strategy
+    # (its data backend factory: a backend's own flag, else the global one)
+    every_instance_prompt = any(m["source"].split()[-1] == "only_instance_prompt" and
+                                m["target"] == "prepare.caption_strategy" for m in report.mapped)
     for index, backend in enumerate(backends):
         name = backend.get("id", f"#{index}")
         where = f"{source}[{name}]"
@@ -781,6 +787,11 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
         entry: dict[str, Any] = {}
         for key, value in backend.items():
             here = f"{where} {key}"
+            if key == "parquet" and isinstance(value, dict):
+                for column in PARQUET_SIZE_COLUMNS & set(value):
+                    report.no_effect.append({"source": f"{here}.{column}", "value": value[column],
+                                             "reason": "prepare reads sizes from the images themselves"})
+                value = {k: v for k, v in value.items() if k not in PARQUET_SIZE_COLUMNS}
             if key in ("disabled", "disable"):
                 report.no_effect.append({"source": here, "value": value, "reason": "false: the dataset is used"})
             elif key == "only_instance_prompt":
@@ -813,6 +824,11 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
             else:
                 report.refused.append({"source": here, "value": value,
                                        "reason": "no flux2lora dataset option of that name: ignored"})
+        if every_instance_prompt and entry.get("caption_strategy") != "instanceprompt":
+            entry["caption_strategy"] = "instanceprompt"
+            report.mapped.append({"source": f"{where} (global only_instance_prompt)",
+                                  "target": f"prepare.datasets[{name}].caption_strategy", "value": "instanceprompt",
+                                  "meaning": "train every image on instance_prompt, as SimpleTuner does"})
         try:
             DatasetConfig.model_validate(entry)
         except ValidationError as e:
