@@ -237,3 +237,15 @@ def test_train_on_several_gpus_goes_through_accelerate_launch(prefect_api, tmp_p
     monkeypatch.setattr(tasks.stages, "launch_train", fake_launch)
     result = tasks.stages.pipeline_stage("train", str(project))
     assert launched == [(project, 2)] and result["ran"]
+
+
+def test_user_errors_of_the_model_and_the_loss_are_not_retried():
+    """A distilled klein refused, a tokenizer that cannot serve the flavour, a diverged loss: every attempt would end
+    the same way, so the tasks' retry condition gives up at once (and the CLI prints them without a traceback)."""
+    from flux2lora.errors import BaseModelRefused, TextEncoderMismatch, UserError
+    from flux2lora.train.step import TrainingDiverged
+    from tasks.retries import _permanent
+
+    for error in (BaseModelRefused("distilled"), TextEncoderMismatch("tokenizer"), TrainingDiverged("nan")):
+        assert isinstance(error, UserError) and _permanent(error)
+    assert not _permanent(OSError("a connection reset"))

@@ -30,3 +30,11 @@ class PublishFailed(UserError, RuntimeError):
     def __init__(self, message: str, permanent: bool = True):
         super().__init__(message)
         self.permanent = permanent
+
+
+class BaseModelRefused(UserError, ValueError):
+    """The base model is not one to train on as configured (a step-distilled klein without model.allow_distilled)."""
+
+
+class TextEncoderMismatch(UserError, ValueError):
+    """The tokenizer or text encoder cannot serve the flavour: missing, incomplete or a different model."""

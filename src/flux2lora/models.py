@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelParams
-from .errors import DeviceUnavailable, ModelNotFound, UserError
+from .errors import BaseModelRefused, DeviceUnavailable, ModelNotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,11 @@ def model_errors(model: ModelParams):
     try:
         yield
     except (OSError, ValueError) as e:
-        # diffusers says ValueError for a path that is no repo id either ("/abs/missing"): only when it names it
-        if isinstance(e, UserError) or (not isinstance(e, OSError) and str(model.model_path) not in str(e)):
+        # diffusers says ValueError for a path that is no repo id either ("/abs/missing"): only when it names it;
+        # a missing file that is not the model's (a stage's input: "run prepare first") keeps its own message
+        names_model = str(model.model_path) in str(e)
+        if isinstance(e, ModelNotFound) or (not names_model and (isinstance(e, (UserError, FileNotFoundError)) or
+                                                                 not isinstance(e, OSError))):
             raise
         lookup = _why_model_unavailable(model)
         if lookup is None:
@@ -338,7 +341,7 @@ def base_repo_for(model: ModelParams) -> str:
 def check_not_distilled(model: ModelParams) -> None:
     """Refuse to train (or cache for training) on a step-distilled klein repo unless `model.allow_distilled`.
 
-    Raises ValueError naming the base repo to use; with allow_distilled it logs a warning and returns."""
+    Raises BaseModelRefused (a ValueError) naming the base repo to use; with allow_distilled it logs a warning and returns."""
     if not model.flavour.is_klein or not is_distilled(model):
         return
     if model.allow_distilled:
@@ -346,7 +349,7 @@ def check_not_distilled(model: ModelParams) -> None:
                     "often come out gray or need strength 1.5-2 (the base repo is %s)", model.model_path,
                     base_repo_for(model))
         return
-    raise ValueError(
+    raise BaseModelRefused(
         f"model.pretrained_model_name_or_path: {model.model_path} is a step-distilled klein repo (is_distilled in "
         f"its model_index.json): LoRAs trained on it come out gray or need strength 1.5-2. Train on the base repo "
         f"{base_repo_for(model)} instead, or set model.allow_distilled: true to train on it anyway")

@@ -33,6 +33,7 @@ import re
 import torch
 
 from .config import ModelParams
+from .errors import TextEncoderMismatch
 from .models import Source, optional_file, text_encoder_source, tokenizer_source, torch_dtype
 
 log = logging.getLogger(__name__)
@@ -81,22 +82,22 @@ class PromptTokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
         except (OSError, ValueError) as e:
-            raise ValueError(f"tokenizer: cannot load a tokenizer from {source} ({e}); set "
+            raise TextEncoderMismatch(f"tokenizer: cannot load a tokenizer from {source} ({e}); set "
                              "model.pretrained_tokenizer_name_or_path / model.tokenizer_subfolder to a folder with "
                              "tokenizer.json") from None
         template = cls._processor_chat_template(source) if family == "mistral3" else None
         template = template or tokenizer.chat_template
         if not template or not isinstance(template, str):
-            raise ValueError(f"tokenizer: {source} has no chat template (no chat_template.json, chat_template.jinja "
+            raise TextEncoderMismatch(f"tokenizer: {source} has no chat template (no chat_template.json, chat_template.jinja "
                              "or tokenizer_config.json chat_template); the FLUX.2 pipelines render every prompt "
                              "through it")
         missing = [t for t in _REQUIRED_TOKENS[family] if t not in tokenizer.get_vocab()]
         if missing:
-            raise ValueError(f"tokenizer: {source} lacks {', '.join(missing)}: it is not the "
+            raise TextEncoderMismatch(f"tokenizer: {source} lacks {', '.join(missing)}: it is not the "
                              f"{model.flavour.text_encoder_class} tokenizer model_flavour {model.model_flavour!r} "
                              "needs")
         if tokenizer.pad_token_id is None:
-            raise ValueError(f"tokenizer: {source} has no pad token; prompts are padded to max_sequence_length")
+            raise TextEncoderMismatch(f"tokenizer: {source} has no pad token; prompts are padded to max_sequence_length")
         return cls(tokenizer, template, family, source)
 
     @staticmethod
@@ -140,20 +141,20 @@ def check_loaded_weights(info: dict, kept_layers: int, source: Source) -> None:
     multi-modal projector."""
     if info.get("missing_keys"):
         keys = sorted(info["missing_keys"])
-        raise ValueError(f"text encoder {source}: weight {keys[0]!r} is missing from the checkpoint"
+        raise TextEncoderMismatch(f"text encoder {source}: weight {keys[0]!r} is missing from the checkpoint"
                          f"{f' (and {len(keys) - 1} more)' if len(keys) > 1 else ''}: a partial download or a "
                          "different model; re-download it (or point model.pretrained_text_encoder_name_or_path at "
                          "a complete copy)")
     if info.get("mismatched_keys"):
         key, *_ = sorted(info["mismatched_keys"], key=str)
-        raise ValueError(f"text encoder {source}: weight {key} has the wrong shape for its config")
+        raise TextEncoderMismatch(f"text encoder {source}: weight {key} has the wrong shape for its config")
     if info.get("error_msgs"):
-        raise ValueError(f"text encoder {source}: {info['error_msgs'][0]}")
+        raise TextEncoderMismatch(f"text encoder {source}: {info['error_msgs'][0]}")
     for key in sorted(info.get("unexpected_keys", ())):
         layer = _LAYER.match(key)
         if _SKIPPED.match(key) or (layer and int(layer.group(1)) >= kept_layers):
             continue
-        raise ValueError(f"text encoder {source}: unexpected weight {key!r} (not in the decoder layers loaded, nor "
+        raise TextEncoderMismatch(f"text encoder {source}: unexpected weight {key!r} (not in the decoder layers loaded, nor "
                          "an LM head or vision weight skipped): the checkpoint's key layout is not one flux2lora "
                          "reads")
 
@@ -170,17 +171,17 @@ def load_text_decoder(model: ModelParams, num_layers: int | None, dtype: torch.d
     try:
         config = AutoConfig.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as e:
-        raise ValueError(f"text encoder: cannot read config.json from {source} ({e})") from None
+        raise TextEncoderMismatch(f"text encoder: cannot read config.json from {source} ({e})") from None
     text_config = _text_config(config)
     expected = {"qwen3": "qwen3", "mistral3": "mistral"}[model.flavour.text_encoder_family]
     if text_config.model_type != expected:
-        raise ValueError(f"text encoder {source}: a {text_config.model_type} model, but model_flavour "
+        raise TextEncoderMismatch(f"text encoder {source}: a {text_config.model_type} model, but model_flavour "
                          f"{model.model_flavour!r} needs {model.flavour.text_encoder_class}")
     if vocab_size is not None and vocab_size > text_config.vocab_size:
-        raise ValueError(f"text encoder {source}: its embedding has {text_config.vocab_size} rows but the tokenizer "
+        raise TextEncoderMismatch(f"text encoder {source}: its embedding has {text_config.vocab_size} rows but the tokenizer "
                          f"has {vocab_size} tokens: they are not from the same model")
     if max(deepest, num_layers or 0) > text_config.num_hidden_layers:
-        raise ValueError(f"text_encoder_out_layers: the text encoder has only {text_config.num_hidden_layers} "
+        raise TextEncoderMismatch(f"text_encoder_out_layers: the text encoder has only {text_config.num_hidden_layers} "
                          f"layers ({source})")
     if num_layers is not None:
         text_config.num_hidden_layers = num_layers

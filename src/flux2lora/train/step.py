@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import TrainParams
+from ..errors import UserError
 from ..latents import pack
 from .forward import predict
 
@@ -28,8 +29,9 @@ def sample_sigmas(cfg: TrainParams, batch: int, generator: torch.Generator) -> t
     return (s * u / (1 + (s - 1) * u)).clamp(1e-5, 1.0)
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept. Running again ends the same way: the
+    message names the params to change."""
 
 
 @dataclass
