@@ -5,6 +5,7 @@ after a resume are logged once."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -46,8 +47,20 @@ def runs(root: Path) -> list:
 
 def test_a_second_training_of_the_project_is_refused_with_the_holder(encoded):
     layout = layout_for(encoded, "outputs")
-    with TrainingLock(layout.state_dir / "training.lock"):
-        proc = train(encoded)
+    # bit rot the running training would not see: the refused one must not re-encode shards under it
+    shard = sorted((encoded / "outputs/latents/shards").glob("*.safetensors"))[0]
+    intact, stat = shard.read_bytes(), shard.stat()
+    rotten = bytearray(intact)
+    rotten[-1] ^= 0xFF
+    shard.write_bytes(bytes(rotten))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        with TrainingLock(layout.state_dir / "training.lock"):
+            proc = train(encoded)
+        assert shard.read_bytes() == bytes(rotten), "the refused training healed a shard under the running one"
+    finally:
+        shard.write_bytes(intact)
+        os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert proc.returncode == 2  # a user error: a message, no traceback
     message = proc.stdout + proc.stderr
     assert "Traceback" not in message

@@ -63,7 +63,10 @@ def launch_train(root: Path, params: Params, logger, params_file: str = "params.
     """Train with `accelerate launch` on runtime.num_processes processes; returns the stage's summary (metrics)."""
     from .stages import heal_caches
 
-    heal_caches("train", params, root)  # once, here: the processes then only read the caches
+    from .models import model_errors
+
+    with model_errors(params.model):  # healing re-encodes with the base model: a missing one is a message
+        heal_caches("train", params, root)  # once, here: the processes then only read the caches
     stream(accelerate_command(root, params, params_file), cwd=root, logger=logger)
     layout = layout_for(root, params.output_dir)
     metrics = json.loads(layout.train_metrics.read_text())

@@ -97,7 +97,14 @@ def heal_caches(name: str, params: Params, root: Path) -> dict:
         return {}
     from .cache.repair import repair_caches
 
-    return repair_caches(params, root, stores)
+    if name != "train":
+        return repair_caches(params, root, stores)
+    from .train.recipe import TrainingLock
+
+    # never re-encode shards under a training that is reading them: a second train refuses here, before healing
+    # (the training takes the lock again for its whole run)
+    with TrainingLock(layout_for(root, params.output_dir).state_dir / "training.lock"):
+        return repair_caches(params, root, stores)
 
 
 def run_stage(name: str, params_path: str | Path = PARAMS_FILE) -> dict:
