@@ -21,7 +21,9 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-GPU_STAGES = frozenset({"encode-text", "encode-latents", "train", "validate"})
+from flux2lora.stages import MODEL_STAGES
+
+GPU_STAGES = frozenset(MODEL_STAGES)  # the stages that load the base model
 LIMIT_ENV = "FLUX2LORA_GPU_LIMIT"
 DEFAULT_LIMIT = "flux2lora-gpu"
 

@@ -46,7 +46,7 @@ def _fail(message: str) -> None:
 
 
 @app.command("stage")
-def stage(name: str = typer.Argument(..., help="prepare | encode-text | encode-latents | train | validate | publish"),
+def stage(name: str = typer.Argument(..., help="params | prepare | encode-text | encode-latents | train | validate | publish"),
           params: Path = typer.Option(Path("params.yaml"), "--params",
                                       help="params file (its folder is the project root)"),
           as_json: bool = typer.Option(False, "--json", help="the summary as one line of JSON (sorted keys) on stdout; "

@@ -41,7 +41,7 @@ class Computes:
 RUNS = "runs"  # how a stage runs; not an input of any stage's result
 PUBLISHES = "publishes"  # where the finished LoRA goes: an input of publish only
 
-# The base model is read by every stage after prepare (the model card and the BFL export read it too).
+# The base model is read by every stage after prepare (publish names it in the model card and the LoRA's metadata).
 _MODEL = Computes("encode-text", "encode-latents", "train", "validate", "publish")
 _TEXT_SOURCE = Computes("encode-text", "train")
 _PREPARE = Computes("prepare")

@@ -83,9 +83,8 @@ def caches_read_by(name: str, params: Params, root: Path) -> tuple[str, ...]:
     """The cache stores (folders under output_dir) stage `name` reads: checked and healed before it runs."""
     if name == "train":
         return ("latents", "text_embeds")
-    if name == "validate":  # the validation prompts' embeddings: their own store where there is one
-        own = layout_for(root, params.output_dir).output_dir / "prompt_embeds" / "index.json"
-        return ("prompt_embeds",) if own.exists() else ("text_embeds",)
+    if name == "validate":  # the validation prompts' embeddings (encode-text's prompt_embeds store)
+        return ("prompt_embeds",)
     return ()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from boto3.exceptions import S3UploadFailedError
 
 from .. import tracking
-from ..config import Params, ParamsError
+from ..config import Params
 from ..data.config import relative_to_root
 from ..errors import PublishFailed
 from ..export import export_bfl
@@ -26,7 +26,7 @@ from ..io import write_json_atomic, write_text_atomic
 from ..layout import layout_for
 from ..train.lora import read_lora_metadata
 from .model_card import model_card
-from .s3 import MIB, PublishVerificationError, TransferSettings, parse_s3_uri, sha256_of, upload_folder
+from .s3 import MIB, PublishVerificationError, TransferSettings, sha256_of, upload_folder
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +56,6 @@ def transfer_settings(params: Params) -> TransferSettings:
     return TransferSettings(multipart_threshold=int(cfg.s3_multipart_threshold_mb * MIB),
                             multipart_chunksize=int(cfg.s3_multipart_chunksize_mb * MIB),
                             max_attempts=cfg.s3_max_attempts)
-
-
-def check_destinations(params: Params) -> None:
-    """ParamsError for a destination that cannot work, before publish touches anything (params.yaml is checked
-    when loaded; this covers Params built in code)."""
-    cfg = params.publish
-    if cfg.s3_uri:
-        try:
-            _, prefix = parse_s3_uri(cfg.s3_uri)
-        except ValueError as e:
-            raise ParamsError(str(e)) from None
-        if not prefix:
-            raise ParamsError(f"publish.s3_uri: {cfg.s3_uri!r} is a bucket's root; publish into a folder of it "
-                              "(s3://bucket/prefix)")
 
 
 # Answers a retry can change: the store was busy or down (botocore has already retried these s3_max_attempts times).
@@ -126,7 +112,6 @@ def publish(params: Params, root: Path) -> dict:
     mlflow = tracking.configure(params, root)
     train_tags = mlflow.get_run(run_id).data.tags
 
-    check_destinations(params)  # before anything in outputs/publish changes
     out = layout.publish_dir
     if out.exists():
         shutil.rmtree(out)
