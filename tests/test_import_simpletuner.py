@@ -385,3 +385,14 @@ def test_imported_quickstart_prepares_its_dataset(project):
     assert summary["accepted"] == 2 and summary["skipped_by_reason"] == {"too_small": 1}  # 800^2 < 1024^2
     rows = [json.loads(line) for line in (project / "outputs/prepare/images.jsonl").read_text().splitlines()]
     assert all(row["bucket"] == [1024, 1024] and row["repeats"] == 10 for row in rows)
+
+
+@pytest.mark.parametrize("value", [["attn.to_q", "attn.add_q_proj"], '["attn.to_q", "attn.add_q_proj"]'])
+def test_peft_target_modules_replace_the_preset(tmp_path, project, value):
+    """SimpleTuner's peft_lora_target_modules (a list, or that list as a JSON string) wins over flux_lora_target."""
+    report, params = imported(tmp_path, project, {"peft_lora_target_modules": value, "flux_lora_target": "mlp"})
+    assert params.train.lora_target_modules == ["attn.to_q", "attn.add_q_proj"]
+    assert params.train.flux_lora_target == "all"
+    assert any(row["source"].endswith("flux_lora_target") and "replaces the preset" in row["reason"]
+               for row in report.no_effect)
+    check_params_passes(project / "params.yaml")

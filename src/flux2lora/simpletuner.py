@@ -307,6 +307,26 @@ def _resume(value, config):
     raise Refused("resuming from a named checkpoint folder: flux2lora resumes its own latest matching checkpoint")
 
 
+def _peft_target_modules(value, config):
+    """SimpleTuner's peft_lora_target_modules: a list of module names, or that list as a JSON string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise Refused("a path to a JSON file: put its list of module names in the config itself") from None
+    if value in (None, [], ""):
+        raise NoEffect("empty: SimpleTuner uses its target preset")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Refused("must be a list of module-name strings (as SimpleTuner requires)")
+    return {"train.lora_target_modules": [v.strip() for v in value if v.strip()]}
+
+
+def _flux_lora_target(value, config):
+    if config.get("peft_lora_target_modules") not in (None, "", "None", []):
+        raise NoEffect("peft_lora_target_modules is set and replaces the preset, as in SimpleTuner")
+    return {"train.flux_lora_target": value}
+
+
 def _checkpoint_interval(value, config):
     steps = _int(value)
     if steps <= 0:
@@ -401,7 +421,11 @@ SEED_KEYS: dict[str, SeedKey] = {
     "lora_alpha": to("train.lora_alpha", "LoRA alpha (unset: the rank, scale 1)", None),
     "lora_dropout": to("train.lora_dropout", "dropout on the LoRA path", 0.1),
     "lora_init_type": to("train.lora_init_type", "LoRA A's initialisation (default: PEFT's Kaiming)", "default"),
-    "flux_lora_target": to("train.flux_lora_target", "LoRA target preset (all, attention, mlp, tiny)", "all"),
+    "flux_lora_target": SeedKey("LoRA target preset (all, attention, mlp, tiny)", _flux_lora_target, "all",
+                                lambda config: {} if config.get("peft_lora_target_modules") not in
+                                (None, "", "None", []) else {"train.flux_lora_target": "all"}),
+    "peft_lora_target_modules": SeedKey("LoRA target module names (peft target_modules; replace the preset)",
+                                        _peft_target_modules),
     # optimisation
     "learning_rate": to("train.learning_rate", "peak learning rate", 4e-7),
     "lr_scheduler": SeedKey("LR schedule (its cosine/sine are periodic with half-period lr_warmup_steps)",

@@ -6,8 +6,10 @@ match the double blocks' `attn.to_out` ModuleList, which peft refuses.
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,11 +25,17 @@ DOUBLE_MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_conte
 SINGLE_FUSED = ["attn.to_qkv_mlp_proj", "attn.to_out"]
 SINGLE_QKV = ["attn.to_qkv_mlp_proj"]
 
+# The default targets of diffusers' FLUX.2 LoRA examples (examples/dreambooth/train_dreambooth_lora_flux2*.py):
+# peft suffixes "to_q", "to_k", "to_v", "to_out.0" (double blocks' image attention only: the text projections are
+# add_*_proj, and single blocks' to_out has no ".0"), "to_qkv_mlp_proj" and every single block's "attn.to_out".
+DIFFUSERS_EXAMPLE_DOUBLE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+
 PRESETS = {
     "all": (DOUBLE_ATTENTION + DOUBLE_MLP, SINGLE_FUSED),
     "attention": (DOUBLE_ATTENTION, SINGLE_FUSED),
     "mlp": (DOUBLE_MLP, SINGLE_FUSED),
     "tiny": (DOUBLE_QKV, SINGLE_QKV),
+    "diffusers-example": (DIFFUSERS_EXAMPLE_DOUBLE, SINGLE_FUSED),
 }
 
 
@@ -40,6 +48,106 @@ def target_modules(transformer, preset: str = "all") -> list[str]:
     n_single = len(transformer.single_transformer_blocks)
     return ([f"transformer_blocks.{i}.{m}" for i in range(n_double) for m in double]
             + [f"single_transformer_blocks.{i}.{m}" for i in range(n_single) for m in single])
+
+
+def flavour_modules(flavour: str) -> dict[str, bool]:
+    """{module path: is it a Linear} of `flavour`'s transformer at its configured size (real flavours: the
+    full-size model), built from diffusers' Flux2Transformer2DModel config on the meta device: no weights, no
+    memory. Computed once per flavour and process."""
+    return dict(_flavour_modules(flavour))
+
+
+@lru_cache(maxsize=None)
+def _flavour_modules(flavour: str) -> tuple[tuple[str, bool], ...]:
+    from diffusers import Flux2Transformer2DModel
+
+    from ..flavours import get_flavour
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**get_flavour(flavour).full_transformer_config)
+    return tuple((name, isinstance(module, torch.nn.Linear)) for name, module in model.named_modules() if name)
+
+
+def _suffixes(names) -> list[str]:
+    """Every dotted suffix of every name ("transformer_blocks.0.attn.to_q" -> "to_q", "attn.to_q", ...)."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out.update(".".join(parts[i:]) for i in range(len(parts)))
+    return sorted(out)
+
+
+def _nearest(pattern: str, linear_names: list[str]) -> str:
+    """The real module name (or dotted suffix of one) closest to `pattern`, with an example of a full path."""
+    candidates = difflib.get_close_matches(pattern, _suffixes(linear_names), n=1, cutoff=0.0)
+    if not candidates:
+        return "(none)"
+    best = candidates[0]
+    example = next(n for n in linear_names if n == best or n.endswith("." + best))
+    return repr(best) if best == example else f"{best!r} (e.g. {example})"
+
+
+def _bfl_hint(pattern: str) -> str:
+    """A note when the pattern uses BFL / ComfyUI module names, which the diffusers model does not have."""
+    from ..export import DOUBLE_BLOCK_MODULES, DOUBLE_BLOCK_QKV, SINGLE_BLOCK_MODULES
+
+    bfl = {**{b: d for d, b in DOUBLE_BLOCK_MODULES.items()}, **{b: "/".join(d) for b, d in DOUBLE_BLOCK_QKV.items()},
+           **{b: d for d, b in SINGLE_BLOCK_MODULES.items()}, "double_blocks": "transformer_blocks",
+           "single_blocks": "single_transformer_blocks"}
+    found = [f"{b} is {d}" for b, d in bfl.items() if b.replace(".", "\\.") in pattern or b in pattern]
+    return f" (these are BFL / ComfyUI names; diffusers' model names them differently: {'; '.join(found)})" \
+        if found else ""
+
+
+def resolve_target_patterns(modules: dict[str, bool], patterns: list[str] | str, where: str) -> list[str]:
+    """Exact Linear module paths selected by peft-style `patterns` (a list: each entry is a module path or a dotted
+    suffix of one, peft's `target_modules` list matching; a string: a regular expression the whole path must match,
+    peft's string form), in the model's module order. `modules` is {path: is Linear}; `where` names the model in
+    messages. Raises ValueError, naming the nearest real module, for a pattern that matches no module or matches
+    a module peft cannot adapt (e.g. bare "to_out" also matches the double blocks' ModuleList)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    linear = [name for name, is_linear in modules.items() if is_linear]
+    entries = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not entries:
+        raise ValueError("train.lora_target_modules is empty: list module names (or unset it to use "
+                         "train.flux_lora_target's preset)")
+    selected: set[str] = set()
+    for entry in entries:
+        config = LoraConfig(target_modules=entry if isinstance(patterns, str) else [entry])
+        matched = [name for name in modules if check_target_module_exists(config, name)]
+        if not matched:
+            raise ValueError(f"train.lora_target_modules: {entry!r} matches no module of {where}; nearest real "
+                             f"module: {_nearest(entry, linear)}{_bfl_hint(entry)}")
+        not_linear = [name for name in matched if not modules[name]]
+        if not_linear:
+            raise ValueError(f"train.lora_target_modules: {entry!r} matches {not_linear[0]} of {where}, which is "
+                             f"not a Linear layer (peft cannot adapt it); name its Linear, e.g. "
+                             f"{_nearest(entry + '.0', linear)}")
+        selected.update(matched)
+    return [name for name in linear if name in selected]
+
+
+def transformer_modules(transformer) -> dict[str, bool]:
+    """{module path: is it a Linear} of a loaded transformer (peft LoRA layers count as their base Linear)."""
+    return {name: isinstance(module, torch.nn.Linear) for name, module in transformer.named_modules() if name}
+
+
+def training_targets(transformer, cfg) -> list[str]:
+    """The exact module paths the run adapts: train.lora_target_modules' matches on this transformer when set,
+    else train.flux_lora_target's preset."""
+    if cfg.lora_target_modules is not None:
+        return resolve_target_patterns(transformer_modules(transformer), cfg.lora_target_modules,
+                                       "the loaded transformer")
+    return target_modules(transformer, cfg.flux_lora_target)
+
+
+def targets_description(cfg) -> str:
+    """What the run targets, for the LoRA's metadata and MLflow: the preset's name, or the patterns as JSON."""
+    if cfg.lora_target_modules is not None:
+        return json.dumps(cfg.lora_target_modules)
+    return cfg.flux_lora_target
 
 
 # lora_init_type -> peft's init_lora_weights. Both start with B = 0 (the adapter adds nothing at step 0) and leave
