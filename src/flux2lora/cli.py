@@ -328,6 +328,53 @@ def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed tra
     typer.echo("dry run: nothing written" if dry_run else f"written: {', '.join(report.files_written)}")
 
 
+lora_app = typer.Typer(no_args_is_help=True, help="Adapter files: what they hold and where they load.")
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("inspect")
+def lora_inspect_cmd(file: Path = typer.Argument(..., help="an adapter file (.safetensors) in any trainer's layout"),
+                     flavour: str = typer.Option(None, "--flavour", help="klein-4b | klein-9b | dev (default: the "
+                                                 "file's metadata, else the flavour its modules fit)"),
+                     as_json: bool = typer.Option(False, "--json", help="the report as JSON")):
+    """Name a FLUX.2 adapter file's layout (diffusers, BFL/ComfyUI, kohya, LyCORIS, ...) and kind (lora, dora,
+    lokr, loha), its rank and alpha per module, the modules it touches and the keys that match no module of the
+    flavour. Exit code 1 when some key matches no module (or has the wrong shape)."""
+    from .adapter_files import inspect_adapter
+
+    try:
+        report = inspect_adapter(file, flavour)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_inspect_report(report)
+    if report.unmatched_keys or report.shape_mismatches:
+        raise typer.Exit(1)
+
+
+def _print_inspect_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    console.print(f"[bold]{report.file}[/bold]: layout [bold]{report.layout}[/bold], kind [bold]{report.kind}"
+                  f"[/bold], flavour {report.flavour} (from {report.flavour_from}), {len(report.modules)} modules "
+                  f"({len(report.targets)} of the transformer's)" + (f", written by {report.producer}"
+                                                                      if report.producer else ""))
+    table = Table("module (as in the file)", "kind", "rank", "alpha", "delta (out, in)", "changes")
+    for m in report.modules:
+        table.add_row(m.module, m.kind, "full" if m.rank is None else str(m.rank),
+                      "-" if m.alpha is None else f"{m.alpha:g}", f"{m.delta_shape[0]} x {m.delta_shape[1]}",
+                      ", ".join(m.targets))
+    console.print(table)
+    for key in report.unmatched_keys:
+        console.print(f"[yellow]matches no module of {report.flavour}:[/yellow] {key}")
+    for line in report.shape_mismatches:
+        console.print(f"[yellow]wrong shape for {report.flavour}:[/yellow] {line}")
+
+
 cache_app = typer.Typer(no_args_is_help=True, help="The latent and text-embedding caches.")
 app.add_typer(cache_app, name="cache")
 

@@ -54,18 +54,24 @@ def flavour_modules(flavour: str) -> dict[str, bool]:
     """{module path: is it a Linear} of `flavour`'s transformer at its configured size (real flavours: the
     full-size model), built from diffusers' Flux2Transformer2DModel config on the meta device: no weights, no
     memory. Computed once per flavour and process."""
-    return dict(_flavour_modules(flavour))
+    return {name: shape is not None for name, shape in _flavour_modules(flavour)}
+
+
+def flavour_linear_shapes(flavour: str) -> dict[str, tuple[int, int]]:
+    """{Linear module path: (out_features, in_features)} of `flavour`'s transformer (see flavour_modules)."""
+    return {name: shape for name, shape in _flavour_modules(flavour) if shape is not None}
 
 
 @lru_cache(maxsize=None)
-def _flavour_modules(flavour: str) -> tuple[tuple[str, bool], ...]:
+def _flavour_modules(flavour: str) -> tuple[tuple[str, tuple[int, int] | None], ...]:
     from diffusers import Flux2Transformer2DModel
 
     from ..flavours import get_flavour
 
     with torch.device("meta"):
         model = Flux2Transformer2DModel(**get_flavour(flavour).full_transformer_config)
-    return tuple((name, isinstance(module, torch.nn.Linear)) for name, module in model.named_modules() if name)
+    return tuple((name, (module.out_features, module.in_features) if isinstance(module, torch.nn.Linear) else None)
+                 for name, module in model.named_modules() if name)
 
 
 def _suffixes(names) -> list[str]:
