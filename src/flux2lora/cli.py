@@ -167,16 +167,27 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
 
 
 @app.command("export")
-def export_cmd(lora: Path = typer.Argument(..., help="diffusers-format LoRA file"),
-               out: Path = typer.Option(None, "--out", help="default: <lora stem>_bfl.safetensors beside it")):
-    """Write the BFL / ComfyUI-layout file (`diffusion_model.double_blocks...`) for a diffusers-format LoRA."""
-    from .export import export_bfl
+def export_cmd(lora: Path = typer.Argument(..., help="LoRA file: diffusers format (--to bfl), or any layout "
+                                           "`flux2lora lora inspect` reads (--to diffusers)"),
+               to: str = typer.Option("bfl", "--to", help="bfl: the BFL / ComfyUI layout; diffusers: the diffusers "
+                                      "layout with its peft config"),
+               out: Path = typer.Option(None, "--out", help="default: <lora stem>_<to>.safetensors beside it"),
+               flavour: str = typer.Option(None, "--flavour", help="--to diffusers: klein-4b | klein-9b | dev "
+                                           "(default: the file's metadata, else the flavour its modules fit)")):
+    """Convert a LoRA between layouts: the BFL / ComfyUI file (`diffusion_model.double_blocks...`, q/k/v fused) for
+    a diffusers-format LoRA, or the diffusers file for a BFL / ComfyUI / ai-toolkit / kohya / peft one."""
+    from .export import export_bfl, export_diffusers
 
+    if to not in ("bfl", "diffusers"):
+        _fail(f"--to {to!r}: choose bfl or diffusers")
+    if to == "bfl" and flavour is not None:
+        _fail("--flavour is read with --to diffusers only (the diffusers file's module names need no flavour)")
+    target = out or lora.with_name(f"{lora.stem}_{to}.safetensors")
     try:
-        path = export_bfl(lora, out or lora.with_name(f"{lora.stem}_bfl.safetensors"))
+        path = export_bfl(lora, target) if to == "bfl" else export_diffusers(lora, target, flavour)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    typer.echo(f"BFL / ComfyUI LoRA written to {path}")
+    typer.echo(f"{'BFL / ComfyUI' if to == 'bfl' else 'diffusers'} LoRA written to {path}")
 
 
 @app.command("promote")

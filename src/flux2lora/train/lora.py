@@ -212,12 +212,7 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     ("Invalid adapter checkpoint"). The trained alpha stays in `flux2lora.alpha`; `flux2lora.alpha_applied` says
     B holds it. Metadata keys are sorted, so equal weights give equal bytes."""
     from peft.tuners.lora import LoraLayer
-    from safetensors import safe_open
-    from safetensors.torch import load
 
-    from ..io import write_safetensors_atomic
-
-    folder.mkdir(parents=True, exist_ok=True)
     config = transformer.peft_config["default"]
     scales = {name: float(module.scaling["default"]) for name, module in transformer.named_modules()
               if isinstance(module, LoraLayer) and "default" in module.scaling}
@@ -232,17 +227,33 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     # the new layers to eval), and every image made with the file would be random. The file says 0.
     adapter_config = {**config.to_dict(), "lora_dropout": 0.0, "lora_alpha": config.r,
                       "alpha_pattern": dict(config.rank_pattern or {}), "use_rslora": False}
+    return write_diffusers_file(folder / "pytorch_lora_weights.safetensors", state, adapter_config, pipeline_cls,
+                                {f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v)
+                                 for k, v in extra_metadata.items()})
+
+
+def write_diffusers_file(path: Path, state: dict[str, torch.Tensor], adapter_config: dict, pipeline_cls,
+                         metadata: dict[str, str]) -> Path:
+    """Write `state` (peft names without the `transformer.` prefix, alpha already in lora_B) with the pipeline's
+    own `save_lora_weights` and `adapter_config` as its `lora_adapter_metadata`, then add `metadata` (sorted keys:
+    equal weights give equal bytes)."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from ..io import write_safetensors_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # sets (target_modules) as sorted lists: diffusers lists them in hash order, which changes per process
     adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
-    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state,
-                                   transformer_lora_adapter_metadata=adapter_config)
-    path = folder / "pytorch_lora_weights.safetensors"
+    pipeline_cls.save_lora_weights(path.parent, transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=adapter_config, weight_name=path.name)
     with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+        written = dict(f.metadata() or {})
     tensors = load(path.read_bytes())
-    metadata.update({f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
-    metadata["flux2lora.alpha_applied"] = "true"  # lora_B holds alpha / r: load at strength 1.0
-    write_safetensors_atomic(path, tensors, metadata)
+    written.update(metadata)
+    written["flux2lora.alpha_applied"] = "true"  # lora_B holds alpha / r: load at strength 1.0
+    write_safetensors_atomic(path, tensors, written)
     return path
 
 
