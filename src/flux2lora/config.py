@@ -166,6 +166,9 @@ class TrainParams(Section):
     # target_modules: a list of module paths or dotted suffixes ("attn.to_q", "single_transformer_blocks.3.attn.to_out"),
     # or one regular expression over the whole path. Checked against the flavour's real module names.
     lora_target_modules: list[str] | str | None = None
+    # DoRA (peft's use_dora): each adapted weight is m * (W + BA) / ||W + BA|| per output row, with the magnitude m
+    # (one number per output feature, starting at ||W||) trained beside A and B
+    use_dora: bool = False
     learning_rate: float = Field(1e-4, gt=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -255,6 +258,17 @@ class TrainParams(Section):
         if self.lora_target_modules is not None and self.flux_lora_target != "all":
             raise ValueError(f"train: flux_lora_target {self.flux_lora_target!r} and lora_target_modules are both "
                              "set; lora_target_modules replaces the preset: remove one")
+        return self
+
+    @model_validator(mode="after")
+    def _dora_is_supported(self):
+        if self.use_dora and self.base_model_precision != "no_change":
+            raise ValueError(f"train.use_dora with base_model_precision {self.base_model_precision}: peft's DoRA "
+                             "needs the base weights' norms, which quanto / torchao weights do not give it; train "
+                             "DoRA on an unquantized base (no_change) or set use_dora: false")
+        if self.use_dora and self.enable_group_offload:
+            raise ValueError("train.use_dora with enable_group_offload is not supported (not tested: DoRA reads the "
+                             "offloaded base weights in every step); switch one off")
         return self
 
     @model_validator(mode="after")

@@ -162,14 +162,16 @@ def targets_description(cfg) -> str:
 LORA_INITS = {"default": True, "gaussian": "gaussian"}
 
 
-def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str], init: str = "gaussian"):
-    """Attach a peft LoRA adapter ("default") and return its trainable parameters (kept in fp32)."""
+def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str], init: str = "gaussian",
+             use_dora: bool = False):
+    """Attach a peft LoRA adapter ("default"; DoRA with use_dora, its magnitudes initialised from the base weights'
+    row norms) and return its trainable parameters (kept in fp32)."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
         raise ValueError(f"train.lora_init_type: {init!r} is not one of {', '.join(LORA_INITS)}")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights=LORA_INITS[init], target_modules=targets)
+                        init_lora_weights=LORA_INITS[init], target_modules=targets, use_dora=use_dora)
     with warnings.catch_warnings():
         # fp8-torchao bases: peft warns that merge() would need torchao's requantization recipe; training never
         # merges (the LoRA is saved separately)

@@ -209,7 +209,7 @@ class LoRATrainingRecipe:
                                                 offload_during_startup=cfg.offload_during_startup)
         self.targets = training_targets(transformer, cfg)
         lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, self.targets,
-                               cfg.lora_init_type)
+                               cfg.lora_init_type, use_dora=cfg.use_dora)
         if group_offload is not None:
             for p in lora_params:  # the offload hooks move only the frozen weights; the adapter lives on the device
                 p.data = p.data.to(self.device)
@@ -299,6 +299,7 @@ class LoRATrainingRecipe:
         cfg, layout, losses = self.cfg, self.layout, self.losses
         metadata = {**describe_model(self.params.model), "rank": cfg.lora_rank,
                     "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": targets_description(cfg),
+                    "kind": "dora" if cfg.use_dora else "lora",
                     "steps": self.max_steps, "processes": self.processes,
                     "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root)}
         # no MLflow run id (train/mlflow_run.json has it): identical inputs give a byte-identical LoRA file
