@@ -84,18 +84,18 @@ def test_the_diffusers_file_gives_the_trained_dora_weights(tmp_path, flavour):
 
 @pytest.fixture(scope="module")
 def dora_project(tmp_path_factory):
-    """A tiny klein-9b DoRA project through all six stages."""
+    """A tiny klein-9b DoRA project through all six stages, validated during training too (step 2)."""
     root = make_project(tmp_path_factory.mktemp("dora") / "project", flavour="klein-9b", git=False, images=4, **{
         "train.max_train_steps": 3, "train.checkpointing_steps": 100, "validate.validation_num_inference_steps": 2,
-        **DORA})
+        "validate.validation_step_interval": 2, **DORA})
     for name in STAGES:
         run_stage(name, root / "params.yaml")
     return root
 
 
 def test_the_pipeline_validates_and_publishes_a_dora_adapter(dora_project):
-    """validate renders with it (diffusers loads it); publish writes the diffusers file only, and the card says why
-    there is no ComfyUI file."""
+    """validate renders with it (diffusers loads it), as does validation during training (the adapter disabled for
+    the base images); publish writes the diffusers file only, and the card says why there is no ComfyUI file."""
     publish = dora_project / "outputs/publish"
     assert (publish / "pytorch_lora_weights.safetensors").exists()
     assert not list(publish.glob("*_bfl.safetensors"))
