@@ -100,7 +100,8 @@ def test_the_pipeline_validates_and_publishes_a_dora_adapter(dora_project):
     assert (publish / "pytorch_lora_weights.safetensors").exists()
     assert not list(publish.glob("*_bfl.safetensors"))
     card = (publish / "README.md").read_text()
-    assert "DoRA adapter" in card and "ComfyUI" in card
+    assert "DoRA adapter" in card and "lora_magnitude_vector" in card
+    assert "ComfyUI's LoRA loaders" not in card and "Use it in ComfyUI" not in card
     assert (dora_project / "outputs/validation/grid.png").exists()
     assert inspect_adapter(publish / "pytorch_lora_weights.safetensors").kind == "dora"
 

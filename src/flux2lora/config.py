@@ -264,8 +264,9 @@ class TrainParams(Section):
     def _dora_is_supported(self):
         if self.use_dora and self.base_model_precision != "no_change":
             raise ValueError(f"train.use_dora with base_model_precision {self.base_model_precision}: peft's DoRA "
-                             "needs the base weights' norms, which quanto / torchao weights do not give it; train "
-                             "DoRA on an unquantized base (no_change) or set use_dora: false")
+                             "does not support quanto weights (SimpleTuner switches it off there too) and is not "
+                             "tested on torchao float8 here; train DoRA on an unquantized base (no_change) or set "
+                             "use_dora: false")
         if self.use_dora and self.enable_group_offload:
             raise ValueError("train.use_dora with enable_group_offload is not supported (not tested: DoRA reads the "
                              "offloaded base weights in every step); switch one off")
