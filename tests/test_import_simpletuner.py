@@ -410,3 +410,26 @@ def test_a_parquet_tables_size_columns_are_reported_without_effect(tmp_path, pro
     assert (parquet.path, parquet.filename_column, parquet.caption_column) == ("meta.parquet", "id", "caption")
     assert {e["source"] for e in report.no_effect} >= {"multidatabackend.json[p] parquet.width_column",
                                                        "multidatabackend.json[p] parquet.height_column"}
+
+
+@pytest.mark.parametrize("value", [["attn.to_q", "attn.add_q_proj"], '["attn.to_q", "attn.add_q_proj"]'])
+def test_peft_target_modules_replace_the_preset(tmp_path, project, value):
+    """SimpleTuner's peft_lora_target_modules (a list, or that list as a JSON string) wins over flux_lora_target."""
+    report, params = imported(tmp_path, project, {"peft_lora_target_modules": value, "flux_lora_target": "mlp"})
+    assert params.train.lora_target_modules == ["attn.to_q", "attn.add_q_proj"]
+    assert params.train.flux_lora_target == "all"
+    assert any(row["source"].endswith("flux_lora_target") and "replaces the preset" in row["reason"]
+               for row in report.no_effect)
+    check_params_passes(project / "params.yaml")
+
+
+def test_use_dora_as_simpletuner_applies_it(tmp_path, project):
+    """SimpleTuner's use_dora: DoRA with peft's default initialisation of A (whatever lora_init_type says), and
+    switched off with a quanto base."""
+    report, params = imported(tmp_path, project, {"use_dora": True, "lora_init_type": "gaussian"})
+    assert params.train.use_dora and params.train.lora_init_type == "default"
+    assert any(row["source"].endswith("lora_init_type") and "use_dora" in row["reason"] for row in report.no_effect)
+    check_params_passes(project / "params.yaml")
+    report, params = imported(tmp_path, project, {"use_dora": "true", "base_model_precision": "int8-quanto"})
+    assert not params.train.use_dora and params.train.base_model_precision == "int8-quanto"
+    assert any(row["source"].endswith("use_dora") and "quanto" in row["reason"] for row in report.no_effect)

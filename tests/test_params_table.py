@@ -51,6 +51,7 @@ EXAMPLES: dict[str, typing.Any] = {
     "encode_text.text_encoder_out_layers": [1, 2, 3],
     "encode_text.text_encoder_1_precision": "bf16",
     "train.lora_alpha": 4,
+    "train.lora_target_modules": ["attn.to_q"],
     "train.num_train_epochs": 2,
     "train.gradient_checkpointing_blocks": 1,
     "train.vram_budget_gib": 20,

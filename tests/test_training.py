@@ -27,7 +27,8 @@ DOUBLE_ALL = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_
 def _expected(preset: str, n_double: int, n_single: int) -> set[str]:
     double = {"all": DOUBLE_ALL, "attention": DOUBLE_ALL[:8], "mlp": DOUBLE_ALL[8:],
               "tiny": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj",
-                       "attn.add_v_proj"]}[preset]
+                       "attn.add_v_proj"],
+              "diffusers-example": DOUBLE_ALL[:4]}[preset]
     single = ["attn.to_qkv_mlp_proj"] if preset == "tiny" else ["attn.to_qkv_mlp_proj", "attn.to_out"]
     return ({f"transformer_blocks.{i}.{m}" for i in range(n_double) for m in double}
             | {f"single_transformer_blocks.{i}.{m}" for i in range(n_single) for m in single})
@@ -55,7 +56,7 @@ def test_real_flavour_presets_have_the_documented_module_counts():
             model = Flux2Transformer2DModel(**get_flavour(name).full_transformer_config)
         counts[name] = {p: len(target_modules(model, p)) for p in PRESETS}
     assert counts["klein-4b"] == {"all": 5 * 12 + 20 * 2, "attention": 5 * 8 + 20 * 2, "mlp": 5 * 4 + 20 * 2,
-                                  "tiny": 5 * 6 + 20}
+                                  "tiny": 5 * 6 + 20, "diffusers-example": 5 * 4 + 20 * 2}
     assert counts["dev"]["all"] == 8 * 12 + 48 * 2
     assert counts["klein-9b"]["tiny"] == 8 * 6 + 24
 

@@ -167,16 +167,27 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
 
 
 @app.command("export")
-def export_cmd(lora: Path = typer.Argument(..., help="diffusers-format LoRA file"),
-               out: Path = typer.Option(None, "--out", help="default: <lora stem>_bfl.safetensors beside it")):
-    """Write the BFL / ComfyUI-layout file (`diffusion_model.double_blocks...`) for a diffusers-format LoRA."""
-    from .export import export_bfl
+def export_cmd(lora: Path = typer.Argument(..., help="LoRA file: diffusers format (--to bfl), or any layout "
+                                           "`flux2lora lora inspect` reads (--to diffusers)"),
+               to: str = typer.Option("bfl", "--to", help="bfl: the BFL / ComfyUI layout; diffusers: the diffusers "
+                                      "layout with its peft config"),
+               out: Path = typer.Option(None, "--out", help="default: <lora stem>_<to>.safetensors beside it"),
+               flavour: str = typer.Option(None, "--flavour", help="--to diffusers: klein-4b | klein-9b | dev "
+                                           "(default: the file's metadata, else the flavour its modules fit)")):
+    """Convert a LoRA between layouts: the BFL / ComfyUI file (`diffusion_model.double_blocks...`, q/k/v fused) for
+    a diffusers-format LoRA, or the diffusers file for a BFL / ComfyUI / ai-toolkit / kohya / peft one."""
+    from .export import export_bfl, export_diffusers
 
+    if to not in ("bfl", "diffusers"):
+        _fail(f"--to {to!r}: choose bfl or diffusers")
+    if to == "bfl" and flavour is not None:
+        _fail("--flavour is read with --to diffusers only (the diffusers file's module names need no flavour)")
+    target = out or lora.with_name(f"{lora.stem}_{to}.safetensors")
     try:
-        path = export_bfl(lora, out or lora.with_name(f"{lora.stem}_bfl.safetensors"))
+        path = export_bfl(lora, target) if to == "bfl" else export_diffusers(lora, target, flavour)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    typer.echo(f"BFL / ComfyUI LoRA written to {path}")
+    typer.echo(f"{'BFL / ComfyUI' if to == 'bfl' else 'diffusers'} LoRA written to {path}")
 
 
 @app.command("promote")
@@ -326,6 +337,53 @@ def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed tra
     for note in report.notes:
         typer.echo(f"  note: {note}")
     typer.echo("dry run: nothing written" if dry_run else f"written: {', '.join(report.files_written)}")
+
+
+lora_app = typer.Typer(no_args_is_help=True, help="Adapter files: what they hold and where they load.")
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("inspect")
+def lora_inspect_cmd(file: Path = typer.Argument(..., help="an adapter file (.safetensors) in any trainer's layout"),
+                     flavour: str = typer.Option(None, "--flavour", help="klein-4b | klein-9b | dev (default: the "
+                                                 "file's metadata, else the flavour its modules fit)"),
+                     as_json: bool = typer.Option(False, "--json", help="the report as JSON")):
+    """Name a FLUX.2 adapter file's layout (diffusers, BFL/ComfyUI, kohya, LyCORIS, ...) and kind (lora, dora,
+    lokr, loha), its rank and alpha per module, the modules it touches and the keys that match no module of the
+    flavour. Exit code 1 when some key matches no module (or has the wrong shape)."""
+    from .adapter_files import inspect_adapter
+
+    try:
+        report = inspect_adapter(file, flavour)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_inspect_report(report)
+    if report.unmatched_keys or report.shape_mismatches:
+        raise typer.Exit(1)
+
+
+def _print_inspect_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    console.print(f"[bold]{report.file}[/bold]: layout [bold]{report.layout}[/bold], kind [bold]{report.kind}"
+                  f"[/bold], flavour {report.flavour} (from {report.flavour_from}), {len(report.modules)} modules "
+                  f"({len(report.targets)} of the transformer's)" + (f", written by {report.producer}"
+                                                                      if report.producer else ""))
+    table = Table("module (as in the file)", "kind", "rank", "alpha", "delta (out, in)", "changes")
+    for m in report.modules:
+        table.add_row(m.module, m.kind, "full" if m.rank is None else str(m.rank),
+                      "-" if m.alpha is None else f"{m.alpha:g}", f"{m.delta_shape[0]} x {m.delta_shape[1]}",
+                      ", ".join(m.targets))
+    console.print(table)
+    for key in report.unmatched_keys:
+        console.print(f"[yellow]matches no module of {report.flavour}:[/yellow] {key}")
+    for line in report.shape_mismatches:
+        console.print(f"[yellow]wrong shape for {report.flavour}:[/yellow] {line}")
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The latent and text-embedding caches.")

@@ -159,7 +159,16 @@ class TrainParams(Section):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # LoRA A's initialisation (B starts at 0 either way): default = Kaiming-uniform (peft), gaussian = N(0, 1/rank)
     lora_init_type: Literal["default", "gaussian"] = "gaussian"
-    flux_lora_target: Literal["all", "attention", "mlp", "tiny"] = "all"
+    # diffusers-example: the default targets of diffusers' FLUX.2 LoRA training examples (double blocks' to_q/k/v/
+    # to_out.0, single blocks' to_qkv_mlp_proj and to_out), to compare a run with that recipe
+    flux_lora_target: Literal["all", "attention", "mlp", "tiny", "diffusers-example"] = "all"
+    # Module-name patterns replacing the preset (SimpleTuner: peft_lora_target_modules), matched as peft matches
+    # target_modules: a list of module paths or dotted suffixes ("attn.to_q", "single_transformer_blocks.3.attn.to_out"),
+    # or one regular expression over the whole path. Checked against the flavour's real module names.
+    lora_target_modules: list[str] | str | None = None
+    # DoRA (peft's use_dora): each adapted weight is m * (W + BA) / ||W + BA|| per output row, with the magnitude m
+    # (one number per output feature, starting at ||W||) trained beside A and B
+    use_dora: bool = False
     learning_rate: float = Field(1e-4, gt=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -240,6 +249,27 @@ class TrainParams(Section):
                              "trains by epochs)")
         if self.num_train_epochs is None and self.max_train_steps == 0:
             raise ValueError("train.max_train_steps is 0: set num_train_epochs, or a number of steps")
+        return self
+
+    @model_validator(mode="after")
+    def _one_target_choice(self):
+        # lora_target_modules replaces the preset (as SimpleTuner's peft_lora_target_modules does); another preset
+        # than the default beside it is a contradiction
+        if self.lora_target_modules is not None and self.flux_lora_target != "all":
+            raise ValueError(f"train: flux_lora_target {self.flux_lora_target!r} and lora_target_modules are both "
+                             "set; lora_target_modules replaces the preset: remove one")
+        return self
+
+    @model_validator(mode="after")
+    def _dora_is_supported(self):
+        if self.use_dora and self.base_model_precision != "no_change":
+            raise ValueError(f"train.use_dora with base_model_precision {self.base_model_precision}: peft's DoRA "
+                             "does not support quanto weights (SimpleTuner switches it off there too) and is not "
+                             "tested on torchao float8 here; train DoRA on an unquantized base (no_change) or set "
+                             "use_dora: false")
+        if self.use_dora and self.enable_group_offload:
+            raise ValueError("train.use_dora with enable_group_offload is not supported (not tested: DoRA reads the "
+                             "offloaded base weights in every step); switch one off")
         return self
 
     @model_validator(mode="after")
@@ -391,6 +421,16 @@ class Params(Section):
                 raise ValueError(f"encode_text.write_batch_size={self.encode_text.write_batch_size} disagrees with "
                                  f"write_batch_size={size} of the text_embeds entry in prepare.datasets; keep one")
             self.encode_text.write_batch_size = size
+        return self
+
+    @model_validator(mode="after")
+    def _targets_exist(self):
+        # against the flavour's real module names (its transformer built on the meta device: no weights needed)
+        if self.train.lora_target_modules is not None:
+            from .train.lora import flavour_modules, resolve_target_patterns
+
+            resolve_target_patterns(flavour_modules(self.model.model_flavour), self.train.lora_target_modules,
+                                    f"{self.model.model_flavour}'s transformer")
         return self
 
     @model_validator(mode="after")

@@ -207,3 +207,105 @@ def lora_deltas(state: dict[str, torch.Tensor], config: dict | None = None) -> d
     else:
         scales = peft_scales(list(pairs), {m: a.shape[0] for m, (a, _) in pairs.items()}, config)
     return {m: (b.double() @ a.double()) * scales[m] for m, (a, b) in pairs.items()}
+
+
+DIFFUSERS_FORMAT = "diffusers"
+# Layouts whose module names are diffusers' own (renamed here); the BFL-named ones go through diffusers' converter.
+_DIFFUSERS_NAMED = ("diffusers", "peft", "diffusers-bare", "lycoris", "onetrainer")
+_BFL_NAMED = ("bfl", "bfl-bare", "kohya")
+
+
+def _bake_alpha_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<module>.alpha` tensors (ComfyUI's and kohya's way) multiplied into each module's up / B matrix as
+    alpha / rank, then dropped: the same delta at scale 1."""
+    out = dict(state)
+    for key in [k for k in state if k.endswith(".alpha")]:
+        module = key.removesuffix(".alpha")
+        down = next((f"{module}.{s}" for s in ("lora_A.weight", "lora_down.weight") if f"{module}.{s}" in state), None)
+        up = next((f"{module}.{s}" for s in ("lora_B.weight", "lora_up.weight") if f"{module}.{s}" in state), None)
+        if down is None or up is None:
+            raise ValueError(f"{key}: an alpha without its module's LoRA matrices")
+        scale = float(state[key].item()) / state[down].shape[0]
+        out[up] = (state[up].double() * scale).to(state[up].dtype)
+        del out[key]
+    return out
+
+
+def to_diffusers_state(path: Path, flavour: str | None = None) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """Any LoRA file `flux2lora lora inspect` reads -> (peft state without prefix, alpha / rank in lora_B; flavour;
+    the file's metadata). BFL-named layouts (BFL / ComfyUI / ai-toolkit, kohya) are converted by the flavour
+    pipeline's own `lora_state_dict` (diffusers' FLUX.2 converters: each of q/k/v gets the fused qkv's stacked A
+    and its third of B, so B_q' A = B_q A_q); diffusers-named ones are renamed. Raises ValueError for another kind
+    than LoRA, or keys of no module of the flavour."""
+    import diffusers
+
+    from .adapter_files import _module_map, _split, inspect_adapter, read_adapter
+    from .flavours import get_flavour
+
+    report = inspect_adapter(path, flavour)
+    if report.kind != "lora":
+        raise ValueError(f"{path}: a {report.kind} adapter; only plain LoRA files convert between layouts")
+    problems = report.unmatched_keys + report.shape_mismatches
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} keys fit no module of {report.flavour} (e.g. {problems[0]}); "
+                         "`flux2lora lora inspect` lists them, --flavour picks another flavour")
+    state, metadata = read_adapter(path)
+    if report.layout == "diffusers" and "lora_adapter_metadata" in metadata:
+        state, config, _ = read_diffusers_lora(Path(path))
+        pairs = module_pairs(state)
+        scales = peft_scales(list(pairs), {m: a.shape[0] for m, (a, _) in pairs.items()}, config)
+        out = {}
+        for module, (a, b) in pairs.items():
+            out[f"{module}.lora_A.weight"] = a.contiguous()
+            out[f"{module}.lora_B.weight"] = (b.double() * scales[module]).to(b.dtype).contiguous()
+        return out, report.flavour, metadata
+    state = _bake_alpha_tensors(state)
+    if report.layout in _BFL_NAMED:
+        if report.layout == "bfl-bare":
+            state = {BFL_PREFIX + k: v for k, v in state.items()}
+        pipeline_cls = getattr(diffusers, get_flavour(report.flavour).pipeline_class)
+        converted = pipeline_cls.lora_state_dict(state)
+        # the converter gives q, k and v one shared A tensor; safetensors stores only separate ones
+        return ({k.removeprefix(DIFFUSERS_PREFIX): v.clone().contiguous() for k, v in converted.items()},
+                report.flavour, metadata)
+    prefix = {"diffusers": DIFFUSERS_PREFIX, "peft": "base_model.model.", "lycoris": "lycoris_",
+              "onetrainer": "lora_transformer_"}.get(report.layout, "")
+    separator = "_" if report.layout in ("lycoris", "onetrainer") else "."
+    table = _module_map(report.flavour, "diffusers", separator)
+    out = {}
+    for key, value in state.items():
+        module, suffix = _split(key, prefix)
+        part = "lora_A" if suffix in ("lora_A.weight", "lora_down.weight") else "lora_B"
+        out[f"{table[module][0][0]}.{part}.weight"] = value.contiguous()
+    return out, report.flavour, metadata
+
+
+def diffusers_adapter_config(state: dict[str, torch.Tensor]) -> dict:
+    """The peft config of a converted LoRA (alpha already in B): r = the most common rank, rank_pattern and
+    alpha_pattern for the others, alpha = rank everywhere (scale 1), no dropout."""
+    ranks = {m: a.shape[0] for m, (a, _) in module_pairs(state).items()}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r = max(sorted(counts), key=lambda k: counts[k])
+    others = {m: rank for m, rank in sorted(ranks.items()) if rank != r}
+    return {"r": r, "lora_alpha": r, "rank_pattern": others, "alpha_pattern": dict(others),
+            "target_modules": sorted(ranks), "lora_dropout": 0.0, "use_rslora": False, "use_dora": False,
+            "bias": "none", "init_lora_weights": True}
+
+
+def export_diffusers(lora_file: Path, out_file: Path, flavour: str | None = None) -> Path:
+    """Write the diffusers-layout file (`transformer.<module>.lora_A/B.weight` + its peft config, loadable with the
+    flavour pipeline's `load_lora_weights`) for a LoRA file in any layout `lora inspect` reads. The metadata keeps
+    the source's `flux2lora.*` entries; `flux2lora.format = diffusers`."""
+    import diffusers
+
+    from .flavours import get_flavour
+    from .train.lora import write_diffusers_file
+
+    state, flavour_name, metadata = to_diffusers_state(Path(lora_file), flavour)
+    pipeline_cls = getattr(diffusers, get_flavour(flavour_name).pipeline_class)
+    ours = {k: v for k, v in metadata.items() if k.startswith("flux2lora.")}
+    ours.update({"flux2lora.format": DIFFUSERS_FORMAT, "flux2lora.flavour": ours.get("flux2lora.flavour",
+                                                                                      flavour_name)})
+    return write_diffusers_file(Path(out_file), state, diffusers_adapter_config(state), pipeline_cls, ours)

@@ -138,6 +138,7 @@ class Plan:
     tread_span_share: float = 0.0  # share of blocks inside the routed span
     lora_rank: int = 16
     lora_target: str = "all"  # a flux_lora_target preset, or "recipe": the diffusers example's targets (anchors)
+    lora_target_modules: tuple[str, ...] | str | None = None  # train.lora_target_modules: replaces lora_target
     text_tokens: int = 512
     load_precision: str = "bf16"  # model.base_model_default_dtype: what the weights are loaded in before quantizing
     host_bandwidth_gbps: float = HOST_BANDWIDTH_GBPS
@@ -170,7 +171,7 @@ def _architecture(flavour: str) -> dict:
     from diffusers import Flux2Transformer2DModel
 
     from .flavours import get_flavour
-    from .train.lora import target_modules
+    from .train.lora import PRESETS, target_modules
 
     with torch.device("meta"):
         model = Flux2Transformer2DModel(**get_flavour(flavour).full_transformer_config)
@@ -179,13 +180,27 @@ def _architecture(flavour: str) -> dict:
     recipe = [n for n in linears if n.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                                                  "attn.to_qkv_mlp_proj"))
               or (n.startswith("single_transformer_blocks.") and n.endswith("attn.to_out"))]
-    presets = {name: target_modules(model, name) for name in ("all", "attention", "mlp", "tiny")}
+    presets = {name: target_modules(model, name) for name in PRESETS}
     presets["recipe"] = recipe
     return {"params": sum(p.numel() for p in model.parameters()),
             "blocks": len(model.transformer_blocks) + len(model.single_transformer_blocks),
             "hidden": model.config.num_attention_heads * model.config.attention_head_dim,
             "lora_shapes": {name: [(linears[n].in_features, linears[n].out_features) for n in names]
-                            for name, names in presets.items()}}
+                            for name, names in presets.items()},
+            "linear_shapes": {n: (m.in_features, m.out_features) for n, m in linears.items()
+                              if isinstance(m, torch.nn.Linear)}}
+
+
+def _lora_shapes(plan: Plan, arch: dict) -> list[tuple[int, int]]:
+    """(in, out) of every module the plan's LoRA adapts: its patterns' matches, or its preset's modules."""
+    if plan.lora_target_modules is None:
+        return arch["lora_shapes"][plan.lora_target]
+    from .train.lora import flavour_modules, resolve_target_patterns
+
+    patterns = plan.lora_target_modules if isinstance(plan.lora_target_modules, str) else \
+        list(plan.lora_target_modules)
+    names = resolve_target_patterns(flavour_modules(plan.flavour), patterns, f"{plan.flavour}'s transformer")
+    return [arch["linear_shapes"][n] for n in names]
 
 
 def recipe_step_s(flavour: str, resolution: int, batch: int, text_tokens: int = 512) -> float:
@@ -206,7 +221,7 @@ def predict(plan: Plan) -> Prediction:
     weights = all_weights
     if plan.group_offload:  # the block being computed (and, with a stream, the one prefetched) stay on the GPU
         weights *= (2 if plan.group_offload_use_stream else 1) / arch["blocks"]
-    lora = sum(plan.lora_rank * (i + o) for i, o in arch["lora_shapes"][plan.lora_target]) * LORA_BYTES_PER_PARAM / GIB
+    lora = sum(plan.lora_rank * (i + o) for i, o in _lora_shapes(plan, arch)) * LORA_BYTES_PER_PARAM / GIB
     share = plan.checkpointed_share if plan.gradient_checkpointing else 0.0
     checkpointed = round(share * arch["blocks"])
     # a checkpointed block keeps its bf16 input; the others keep everything; one block's working set on top
@@ -311,6 +326,8 @@ def plan_from_params(params, host_bandwidth_gbps: float = HOST_BANDWIDTH_GBPS) -
                 group_offload_use_stream=cfg.group_offload_use_stream,
                 tread_selection_ratio=ratio,
                 tread_span_share=span, lora_rank=cfg.lora_rank, lora_target=cfg.flux_lora_target,
+                lora_target_modules=cfg.lora_target_modules if isinstance(cfg.lora_target_modules, (str, type(None)))
+                else tuple(cfg.lora_target_modules),
                 text_tokens=params.encode_text.max_sequence_length,
                 load_precision=params.model.base_model_default_dtype, host_bandwidth_gbps=host_bandwidth_gbps)
     if cfg.vram_budget_gib is not None:  # memory-budget mode: what the trainer will checkpoint

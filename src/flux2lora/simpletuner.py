@@ -307,6 +307,43 @@ def _resume(value, config):
     raise Refused("resuming from a named checkpoint folder: flux2lora resumes its own latest matching checkpoint")
 
 
+def _peft_target_modules(value, config):
+    """SimpleTuner's peft_lora_target_modules: a list of module names, or that list as a JSON string."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise Refused("a path to a JSON file: put its list of module names in the config itself") from None
+    if value in (None, [], ""):
+        raise NoEffect("empty: SimpleTuner uses its target preset")
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Refused("must be a list of module-name strings (as SimpleTuner requires)")
+    return {"train.lora_target_modules": [v.strip() for v in value if v.strip()]}
+
+
+def _use_dora(value, config):
+    if _truthy(value) and not _dora_on(config):
+        raise NoEffect("SimpleTuner switches DoRA off with a quanto base (peft's DoRA does not support it)")
+    return {"train.use_dora": _truthy(value)}
+
+
+def _dora_on(config: dict) -> bool:
+    """Whether SimpleTuner trains DoRA: use_dora, unless a quanto base switches it off."""
+    return _truthy(config.get("use_dora")) and "quanto" not in str(config.get("base_model_precision", ""))
+
+
+def _lora_init_type(value, config):
+    if _dora_on(config) and value != "default":
+        raise NoEffect("use_dora is set: SimpleTuner initialises DoRA's A as peft's default whatever this says")
+    return {"train.lora_init_type": value}
+
+
+def _flux_lora_target(value, config):
+    if config.get("peft_lora_target_modules") not in (None, "", "None", []):
+        raise NoEffect("peft_lora_target_modules is set and replaces the preset, as in SimpleTuner")
+    return {"train.flux_lora_target": value}
+
+
 def _checkpoint_interval(value, config):
     steps = _int(value)
     if steps <= 0:
@@ -400,8 +437,15 @@ SEED_KEYS: dict[str, SeedKey] = {
     "lora_rank": to("train.lora_rank", "LoRA rank", 16),
     "lora_alpha": to("train.lora_alpha", "LoRA alpha (unset: the rank, scale 1)", None),
     "lora_dropout": to("train.lora_dropout", "dropout on the LoRA path", 0.1),
-    "lora_init_type": to("train.lora_init_type", "LoRA A's initialisation (default: PEFT's Kaiming)", "default"),
-    "flux_lora_target": to("train.flux_lora_target", "LoRA target preset (all, attention, mlp, tiny)", "all"),
+    "lora_init_type": SeedKey("LoRA A's initialisation (default: PEFT's Kaiming; SimpleTuner forces it with DoRA)",
+                              _lora_init_type, "default", {"train.lora_init_type": "default"}),
+    "flux_lora_target": SeedKey("LoRA target preset (all, attention, mlp, tiny)", _flux_lora_target, "all",
+                                lambda config: {} if config.get("peft_lora_target_modules") not in
+                                (None, "", "None", []) else {"train.flux_lora_target": "all"}),
+    "use_dora": SeedKey("DoRA (peft use_dora; SimpleTuner then initialises A as peft's default)", _use_dora, False,
+                        {"train.use_dora": False}),
+    "peft_lora_target_modules": SeedKey("LoRA target module names (peft target_modules; replace the preset)",
+                                        _peft_target_modules),
     # optimisation
     "learning_rate": to("train.learning_rate", "peak learning rate", 4e-7),
     "lr_scheduler": SeedKey("LR schedule (its cosine/sine are periodic with half-period lr_warmup_steps)",

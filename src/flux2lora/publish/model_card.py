@@ -48,12 +48,13 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
                rank: int, alpha: float, steps: int, final_loss: float, dataset_hash: str, run_id: str,
                grid_file: str | None, diffusers_file: str = "pytorch_lora_weights.safetensors",
                bfl_file: str | None = None, repo_id: str | None = None, base_model_url: str | None = None,
-               git_commit: str | None = None, warning: str | None = None) -> str:
+               git_commit: str | None = None, warning: str | None = None, dora: bool = False) -> str:
     """Markdown with YAML front matter and loading examples.
 
     `repo_id`: where the card will live on the Hub (the examples load from it), else a local folder is assumed.
     `base_model_url`: a link to the base model's page (its licence text); omitted for local base models.
     `warning`: shown at the top (e.g. a LoRA trained on a step-distilled klein with model.allow_distilled).
+    `dora`: a DoRA adapter, which ComfyUI does not apply as trained (its row says diffusers / peft only).
     """
     lic = licence_of(licence)
     trigger = trigger_phrase or "(none)"
@@ -71,6 +72,10 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
              "`lora_adapter_metadata`) | diffusers `load_lora_weights` (FLUX.2 pipelines; tested with diffusers "
              "0.42.1 and peft 0.21.2); ComfyUI's LoRA loaders (they read this layout; the scale is in the weights, "
              "so the strength is right without `.alpha` tensors) |\n")
+    if dora:
+        files = (f"| `{diffusers_file}` | diffusers (`transformer.<module>.lora_A/B.weight` and "
+                 "`.lora_magnitude_vector`, peft config with `use_dora` in `lora_adapter_metadata`) | diffusers "
+                 "`load_lora_weights` (FLUX.2 pipelines; tested with diffusers 0.42.1 and peft 0.21.2) and peft |\n")
     if bfl_file:
         files += (f"| `{bfl_file}` | BFL (`diffusion_model.double_blocks.N.img_attn.qkv...`, q/k/v fused) | "
                   "ComfyUI's native FLUX.2 model (the layout ComfyUI v0.29 documents), ai-toolkit and BFL's "

@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 SAMPLES = "samples.png"
 
 
+DORA_NOTE = ("This is a DoRA adapter: it loads at its trained strength with diffusers' `load_lora_weights` and "
+             "peft, not in ComfyUI (whose DoRA normalises the weight's input columns where peft's normalises its "
+             "output rows), so no BFL / ComfyUI file is published.")
+
+
 def bfl_file_name(run_name: str) -> str:
     """`<run-name>_bfl.safetensors`, the name ComfyUI lists it under (unsafe characters replaced)."""
     return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', run_name).strip('._') or 'lora'}_bfl.safetensors"
@@ -118,9 +123,12 @@ def publish(params: Params, root: Path) -> dict:
     out.mkdir(parents=True)
     diffusers_file = out / layout.lora_file.name
     shutil.copy2(layout.lora_file, diffusers_file)
-    bfl_file = export_bfl(layout.lora_file, out / bfl_file_name(run_name))
+    # DoRA has no BFL / ComfyUI file: ComfyUI's DoRA normalises each input column of the weight, peft's (what was
+    # trained) each output row, so no dora_scale would give ComfyUI the trained weights
+    dora = lora_meta.get("flux2lora.kind") == "dora"
+    bfl_file = None if dora else export_bfl(layout.lora_file, out / bfl_file_name(run_name))
     # the trigger phrase is publish's alone: train's LoRA does not carry it, so changing it re-runs nothing else
-    for published in (diffusers_file, bfl_file):
+    for published in (diffusers_file, *([bfl_file] if bfl_file else [])):
         add_metadata(published, {"flux2lora.trigger_phrase": params.publish.trigger_phrase})
     grid = layout.validation_dir / "grid.png"
     if grid.exists():
@@ -136,9 +144,12 @@ def publish(params: Params, root: Path) -> dict:
         rank=int(lora_meta.get("flux2lora.rank", params.train.lora_rank)),
         alpha=float(lora_meta.get("flux2lora.alpha", params.train.lora_alpha or params.train.lora_rank)),
         steps=metrics["steps"], final_loss=metrics["final_loss"], dataset_hash=dataset_hash, run_id=run_id,
-        grid_file=SAMPLES if grid.exists() else None, diffusers_file=diffusers_file.name, bfl_file=bfl_file.name,
+        grid_file=SAMPLES if grid.exists() else None, diffusers_file=diffusers_file.name,
+        bfl_file=bfl_file.name if bfl_file else None,
         repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_id}" if is_hub_model else None,
-        git_commit=train_tags.get("git_commit"), warning=lora_meta.get("flux2lora.distilled_warning")))
+        git_commit=train_tags.get("git_commit"),
+        warning=" ".join(w for w in (lora_meta.get("flux2lora.distilled_warning"), DORA_NOTE if dora else None) if w)
+        or None, dora=dora))
     # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
 
@@ -169,7 +180,8 @@ def publish(params: Params, root: Path) -> dict:
                 "git_commit": train_tags.get("git_commit"), "dataset_dvc_hash": dataset_hash,
                 "flavour": model.model_flavour, "base_model": model.model_id,
                 "lora_sha256": sha256_of(diffusers_file), "lora_file": diffusers_file.name,
-                "bfl_file": bfl_file.name, "s3_uri": result["s3"], "hub_url": result["hub"]})
+                **({"bfl_file": bfl_file.name} if bfl_file else {}), "s3_uri": result["s3"],
+                "hub_url": result["hub"]})
             result["registered_model"] = {"name": cfg.registered_model_name, "version": str(version.version)}
     write_json_atomic(layout.output_dir / "publish.json", result)
     log.info("publish: %s%s%s", out, f", {result['s3']}" if result["s3"] else "",

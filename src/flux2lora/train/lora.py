@@ -6,8 +6,10 @@ match the double blocks' `attn.to_out` ModuleList, which peft refuses.
 
 from __future__ import annotations
 
+import difflib
 import json
 import warnings
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,11 +25,17 @@ DOUBLE_MLP = ["ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_conte
 SINGLE_FUSED = ["attn.to_qkv_mlp_proj", "attn.to_out"]
 SINGLE_QKV = ["attn.to_qkv_mlp_proj"]
 
+# The default targets of diffusers' FLUX.2 LoRA examples (examples/dreambooth/train_dreambooth_lora_flux2*.py):
+# peft suffixes "to_q", "to_k", "to_v", "to_out.0" (double blocks' image attention only: the text projections are
+# add_*_proj, and single blocks' to_out has no ".0"), "to_qkv_mlp_proj" and every single block's "attn.to_out".
+DIFFUSERS_EXAMPLE_DOUBLE = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+
 PRESETS = {
     "all": (DOUBLE_ATTENTION + DOUBLE_MLP, SINGLE_FUSED),
     "attention": (DOUBLE_ATTENTION, SINGLE_FUSED),
     "mlp": (DOUBLE_MLP, SINGLE_FUSED),
     "tiny": (DOUBLE_QKV, SINGLE_QKV),
+    "diffusers-example": (DIFFUSERS_EXAMPLE_DOUBLE, SINGLE_FUSED),
 }
 
 
@@ -42,20 +50,128 @@ def target_modules(transformer, preset: str = "all") -> list[str]:
             + [f"single_transformer_blocks.{i}.{m}" for i in range(n_single) for m in single])
 
 
+def flavour_modules(flavour: str) -> dict[str, bool]:
+    """{module path: is it a Linear} of `flavour`'s transformer at its configured size (real flavours: the
+    full-size model), built from diffusers' Flux2Transformer2DModel config on the meta device: no weights, no
+    memory. Computed once per flavour and process."""
+    return {name: shape is not None for name, shape in _flavour_modules(flavour)}
+
+
+def flavour_linear_shapes(flavour: str) -> dict[str, tuple[int, int]]:
+    """{Linear module path: (out_features, in_features)} of `flavour`'s transformer (see flavour_modules)."""
+    return {name: shape for name, shape in _flavour_modules(flavour) if shape is not None}
+
+
+@lru_cache(maxsize=None)
+def _flavour_modules(flavour: str) -> tuple[tuple[str, tuple[int, int] | None], ...]:
+    from diffusers import Flux2Transformer2DModel
+
+    from ..flavours import get_flavour
+
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**get_flavour(flavour).full_transformer_config)
+    return tuple((name, (module.out_features, module.in_features) if isinstance(module, torch.nn.Linear) else None)
+                 for name, module in model.named_modules() if name)
+
+
+def _suffixes(names) -> list[str]:
+    """Every dotted suffix of every name ("transformer_blocks.0.attn.to_q" -> "to_q", "attn.to_q", ...)."""
+    out = set()
+    for name in names:
+        parts = name.split(".")
+        out.update(".".join(parts[i:]) for i in range(len(parts)))
+    return sorted(out)
+
+
+def _nearest(pattern: str, linear_names: list[str]) -> str:
+    """The real module name (or dotted suffix of one) closest to `pattern`, with an example of a full path."""
+    candidates = difflib.get_close_matches(pattern, _suffixes(linear_names), n=1, cutoff=0.0)
+    if not candidates:
+        return "(none)"
+    best = candidates[0]
+    example = next(n for n in linear_names if n == best or n.endswith("." + best))
+    return repr(best) if best == example else f"{best!r} (e.g. {example})"
+
+
+def _bfl_hint(pattern: str) -> str:
+    """A note when the pattern uses BFL / ComfyUI module names, which the diffusers model does not have."""
+    from ..export import DOUBLE_BLOCK_MODULES, DOUBLE_BLOCK_QKV, SINGLE_BLOCK_MODULES
+
+    bfl = {**{b: d for d, b in DOUBLE_BLOCK_MODULES.items()}, **{b: "/".join(d) for b, d in DOUBLE_BLOCK_QKV.items()},
+           **{b: d for d, b in SINGLE_BLOCK_MODULES.items()}, "double_blocks": "transformer_blocks",
+           "single_blocks": "single_transformer_blocks"}
+    found = [f"{b} is {d}" for b, d in bfl.items() if b.replace(".", "\\.") in pattern or b in pattern]
+    return f" (these are BFL / ComfyUI names; diffusers' model names them differently: {'; '.join(found)})" \
+        if found else ""
+
+
+def resolve_target_patterns(modules: dict[str, bool], patterns: list[str] | str, where: str) -> list[str]:
+    """Exact Linear module paths selected by peft-style `patterns` (a list: each entry is a module path or a dotted
+    suffix of one, peft's `target_modules` list matching; a string: a regular expression the whole path must match,
+    peft's string form), in the model's module order. `modules` is {path: is Linear}; `where` names the model in
+    messages. Raises ValueError, naming the nearest real module, for a pattern that matches no module or matches
+    a module peft cannot adapt (e.g. bare "to_out" also matches the double blocks' ModuleList)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    linear = [name for name, is_linear in modules.items() if is_linear]
+    entries = [patterns] if isinstance(patterns, str) else list(patterns)
+    if not entries:
+        raise ValueError("train.lora_target_modules is empty: list module names (or unset it to use "
+                         "train.flux_lora_target's preset)")
+    selected: set[str] = set()
+    for entry in entries:
+        config = LoraConfig(target_modules=entry if isinstance(patterns, str) else [entry])
+        matched = [name for name in modules if check_target_module_exists(config, name)]
+        if not matched:
+            raise ValueError(f"train.lora_target_modules: {entry!r} matches no module of {where}; nearest real "
+                             f"module: {_nearest(entry, linear)}{_bfl_hint(entry)}")
+        not_linear = [name for name in matched if not modules[name]]
+        if not_linear:
+            raise ValueError(f"train.lora_target_modules: {entry!r} matches {not_linear[0]} of {where}, which is "
+                             f"not a Linear layer (peft cannot adapt it); name its Linear, e.g. "
+                             f"{_nearest(entry + '.0', linear)}")
+        selected.update(matched)
+    return [name for name in linear if name in selected]
+
+
+def transformer_modules(transformer) -> dict[str, bool]:
+    """{module path: is it a Linear} of a loaded transformer (peft LoRA layers count as their base Linear)."""
+    return {name: isinstance(module, torch.nn.Linear) for name, module in transformer.named_modules() if name}
+
+
+def training_targets(transformer, cfg) -> list[str]:
+    """The exact module paths the run adapts: train.lora_target_modules' matches on this transformer when set,
+    else train.flux_lora_target's preset."""
+    if cfg.lora_target_modules is not None:
+        return resolve_target_patterns(transformer_modules(transformer), cfg.lora_target_modules,
+                                       "the loaded transformer")
+    return target_modules(transformer, cfg.flux_lora_target)
+
+
+def targets_description(cfg) -> str:
+    """What the run targets, for the LoRA's metadata and MLflow: the preset's name, or the patterns as JSON."""
+    if cfg.lora_target_modules is not None:
+        return json.dumps(cfg.lora_target_modules)
+    return cfg.flux_lora_target
+
+
 # lora_init_type -> peft's init_lora_weights. Both start with B = 0 (the adapter adds nothing at step 0) and leave
 # the base weights untouched, so the saved file is the whole adapter; A is Kaiming-uniform ("default", peft's and
 # the seed trainer's default) or normal with std 1/rank ("gaussian", the diffusers training examples').
 LORA_INITS = {"default": True, "gaussian": "gaussian"}
 
 
-def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str], init: str = "gaussian"):
-    """Attach a peft LoRA adapter ("default") and return its trainable parameters (kept in fp32)."""
+def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str], init: str = "gaussian",
+             use_dora: bool = False):
+    """Attach a peft LoRA adapter ("default"; DoRA with use_dora, its magnitudes initialised from the base weights'
+    row norms) and return its trainable parameters (kept in fp32)."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
         raise ValueError(f"train.lora_init_type: {init!r} is not one of {', '.join(LORA_INITS)}")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights=LORA_INITS[init], target_modules=targets)
+                        init_lora_weights=LORA_INITS[init], target_modules=targets, use_dora=use_dora)
     with warnings.catch_warnings():
         # fp8-torchao bases: peft warns that merge() would need torchao's requantization recipe; training never
         # merges (the LoRA is saved separately)
@@ -98,12 +214,7 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     ("Invalid adapter checkpoint"). The trained alpha stays in `flux2lora.alpha`; `flux2lora.alpha_applied` says
     B holds it. Metadata keys are sorted, so equal weights give equal bytes."""
     from peft.tuners.lora import LoraLayer
-    from safetensors import safe_open
-    from safetensors.torch import load
 
-    from ..io import write_safetensors_atomic
-
-    folder.mkdir(parents=True, exist_ok=True)
     config = transformer.peft_config["default"]
     scales = {name: float(module.scaling["default"]) for name, module in transformer.named_modules()
               if isinstance(module, LoraLayer) and "default" in module.scaling}
@@ -118,17 +229,33 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     # the new layers to eval), and every image made with the file would be random. The file says 0.
     adapter_config = {**config.to_dict(), "lora_dropout": 0.0, "lora_alpha": config.r,
                       "alpha_pattern": dict(config.rank_pattern or {}), "use_rslora": False}
+    return write_diffusers_file(folder / "pytorch_lora_weights.safetensors", state, adapter_config, pipeline_cls,
+                                {f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v)
+                                 for k, v in extra_metadata.items()})
+
+
+def write_diffusers_file(path: Path, state: dict[str, torch.Tensor], adapter_config: dict, pipeline_cls,
+                         metadata: dict[str, str]) -> Path:
+    """Write `state` (peft names without the `transformer.` prefix, alpha already in lora_B) with the pipeline's
+    own `save_lora_weights` and `adapter_config` as its `lora_adapter_metadata`, then add `metadata` (sorted keys:
+    equal weights give equal bytes)."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from ..io import write_safetensors_atomic
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     # sets (target_modules) as sorted lists: diffusers lists them in hash order, which changes per process
     adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
-    pipeline_cls.save_lora_weights(folder, transformer_lora_layers=state,
-                                   transformer_lora_adapter_metadata=adapter_config)
-    path = folder / "pytorch_lora_weights.safetensors"
+    pipeline_cls.save_lora_weights(path.parent, transformer_lora_layers=state,
+                                   transformer_lora_adapter_metadata=adapter_config, weight_name=path.name)
     with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata() or {})
+        written = dict(f.metadata() or {})
     tensors = load(path.read_bytes())
-    metadata.update({f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v) for k, v in extra_metadata.items()})
-    metadata["flux2lora.alpha_applied"] = "true"  # lora_B holds alpha / r: load at strength 1.0
-    write_safetensors_atomic(path, tensors, metadata)
+    written.update(metadata)
+    written["flux2lora.alpha_applied"] = "true"  # lora_B holds alpha / r: load at strength 1.0
+    write_safetensors_atomic(path, tensors, written)
     return path
 
 

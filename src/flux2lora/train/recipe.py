@@ -37,7 +37,7 @@ from ..params_table import stage_inputs
 from ..validate.during_training import TrainingValidator
 from .checkpoint import TrainingState, latest_matching
 from .draws import StepDraws, load_samples, routing_generator, total_steps
-from .lora import add_lora, lora_state_dict, save_diffusers_lora, target_modules
+from .lora import add_lora, lora_state_dict, save_diffusers_lora, targets_description, training_targets
 from .model import build_training_model
 from .schedules import build_lr_scheduler
 from .step import TrainingDiverged, TrainingStep, make_optimizer
@@ -112,7 +112,7 @@ class RunLog:
             mlflow.set_tags({"git_commit": tracking.git_commit(self.root),
                              "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, params.prepare.data_root),
                              "flavour": params.model.model_flavour, "base_model": params.model.model_id,
-                             "lora_targets": params.train.flux_lora_target, "num_lora_modules": num_lora_modules})
+                             "lora_targets": targets_description(params.train), "num_lora_modules": num_lora_modules})
             log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
         mlflow.set_tag("resumed_from_step", start_step)
         if run_id is not None:
@@ -207,9 +207,9 @@ class LoRATrainingRecipe:
         transformer = load_training_transformer(params.model, self.device, cfg.base_model_precision,
                                                 cfg.quantize_via, group_offload=group_offload,
                                                 offload_during_startup=cfg.offload_during_startup)
-        self.targets = target_modules(transformer, cfg.flux_lora_target)
+        self.targets = training_targets(transformer, cfg)
         lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, self.targets,
-                               cfg.lora_init_type)
+                               cfg.lora_init_type, use_dora=cfg.use_dora)
         if group_offload is not None:
             for p in lora_params:  # the offload hooks move only the frozen weights; the adapter lives on the device
                 p.data = p.data.to(self.device)
@@ -298,7 +298,8 @@ class LoRATrainingRecipe:
             return {"final_loss": self.last_loss, "steps": self.max_steps, "process": self.rank}
         cfg, layout, losses = self.cfg, self.layout, self.losses
         metadata = {**describe_model(self.params.model), "rank": cfg.lora_rank,
-                    "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": cfg.flux_lora_target,
+                    "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": targets_description(cfg),
+                    "kind": "dora" if cfg.use_dora else "lora",
                     "steps": self.max_steps, "processes": self.processes,
                     "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root)}
         # no MLflow run id (train/mlflow_run.json has it): identical inputs give a byte-identical LoRA file
