@@ -37,6 +37,7 @@ from ..params_table import stage_inputs
 from ..validate.during_training import TrainingValidator
 from .checkpoint import TrainingState, latest_matching
 from .draws import StepDraws, load_samples, routing_generator, total_steps
+from .evaluation import EvaluationLoss, split_for_evaluation
 from .lora import add_lora, lora_state_dict, save_diffusers_lora, target_modules
 from .model import build_training_model
 from .schedules import build_lr_scheduler
@@ -92,7 +93,7 @@ class RunLog:
         self.mlflow = tracking.configure(params, root) if main_process else None
         self.run = None
         self.active_file = active_file
-        self.logged_until = 0  # the last step whose metrics the run already holds
+        self.logged_until = -1  # the last step whose metrics the run already holds (step 0: the base's eval loss)
 
     def start(self, run_id: str | None, layout, num_lora_modules: int, start_step: int) -> None:
         """Open (or, resuming, reopen) the run; a new run gets the params, tags and prepare's report."""
@@ -116,8 +117,9 @@ class RunLog:
             log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
         mlflow.set_tag("resumed_from_step", start_step)
         if run_id is not None:
-            history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
-            self.logged_until = max((m.step for m in history), default=0)
+            client = mlflow.tracking.MlflowClient()
+            self.logged_until = max((m.step for key in ("loss", "eval_loss")
+                                     for m in client.get_metric_history(run_id, key)), default=-1)
         if self.active_file is not None:
             write_json_atomic(self.active_file, {"run_id": self.run_id})
 
@@ -148,6 +150,10 @@ class RunLog:
     def step(self, step: int, metrics: dict[str, float]) -> None:
         if self.enabled and step > self.logged_until:  # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
             self.mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags(tags)
 
     def finish(self, lora_file: Path, final_loss: float) -> None:
         self.mlflow.log_artifact(str(lora_file), artifact_path="lora")
@@ -185,6 +191,8 @@ class LoRATrainingRecipe:
         self.device = self.accelerator.device if self.processes > 1 else resolve_device(params.model.device)
         warn_if_guidance_ignored(params)
         samples, empty_key = load_samples(layout)
+        # validate.eval_split: the held-out images never reach the batches
+        samples, eval_samples, eval_source = split_for_evaluation(samples, params)
         batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
         self.max_steps = total_steps(cfg, batches, self.processes)
         self.fingerprint = fingerprint(params, layout)
@@ -193,6 +201,9 @@ class LoRATrainingRecipe:
                                empty_key, params.model.flavour.guidance_embeds, self.device, self.processes,
                                self.rank)
         self.state = TrainingState(self.transformer, self.training_step, self.draws, self.accelerator)
+        self.evaluation = EvaluationLoss.for_training(
+            params, eval_samples, eval_source, self.draws.latent_store, self.draws.text_store,
+            params.model.flavour.guidance_embeds, self.transformer, self.device, self.training_step.autocast_dtype)
         # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
         self.validator = TrainingValidator.for_training(params, self.root, self.transformer, self.device) \
             if self.main_process else None
@@ -259,6 +270,10 @@ class LoRATrainingRecipe:
         cfg = self.cfg
         progress = tqdm(range(self.start_step, self.max_steps), desc="train", unit="step", initial=self.start_step,
                         total=self.max_steps, disable=not self.main_process)
+        if self.evaluation is not None:
+            run_log.tags(self.evaluation.describe())
+            if self.start_step == 0:
+                self._evaluate(0, run_log)  # the base model: where the curve starts
         for step in progress:
             t0 = time.perf_counter()
             micro_batches = self.draws.micro_batches(step)
@@ -274,11 +289,20 @@ class LoRATrainingRecipe:
             progress.set_postfix(loss=f"{loss:.4f}")
             self._after_step(step + 1, grad_norm, run_log)
 
+    def _evaluate(self, step: int, run_log: RunLog) -> None:
+        """The evaluation loss at `step` when due, logged beside the training loss (every process scores it: the
+        forward of a sharded model needs them all)."""
+        if self.evaluation is not None and self.evaluation.due(step, self.max_steps):
+            metrics = self.evaluation.evaluate()
+            run_log.step(step, metrics)
+            log.info("eval loss at step %d: %.6f", step, metrics["eval_loss"])
+
     def _after_step(self, done: int, grad_norm: float, run_log: RunLog) -> None:
         cfg = self.cfg
         if done % cfg.log_every_n_steps == 0 or done == self.max_steps:
             run_log.step(done, {"loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
                                 "grad_norm": float(grad_norm), "step_time_s": self.step_time})
+        self._evaluate(done, run_log)
         if done % cfg.checkpointing_steps == 0 and done < self.max_steps:
             self.state.capture(self.layout.checkpoints_dir, done,
                                {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
@@ -308,7 +332,9 @@ class LoRATrainingRecipe:
         metrics = {"final_loss": self.last_loss, "steps": self.max_steps, "resumed_from_step": self.start_step,
                    "processes": self.processes,
                    "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
-                   "lora_modules": len(self.targets), "last_step_time_s": self.step_time}
+                   "lora_modules": len(self.targets), "last_step_time_s": self.step_time,
+                   **({"eval_loss": self.evaluation.last["eval_loss"]}
+                      if self.evaluation is not None and self.evaluation.last else {})}
         write_json_atomic(layout.train_metrics, metrics)
         tracking.write_run_file(layout.run_file, run_log.run)
         log.info("train: LoRA written to %s (final loss %.4f)", lora_file, self.last_loss)
