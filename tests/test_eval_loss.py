@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 SIGMAS = [0.2, 0.5, 0.8]
 BASE = {"train.max_train_steps": 8, "train.checkpointing_steps": 4, "train.train_batch_size": 2,
-        "train.learning_rate": 2e-3, "train.checkpoints_total_limit": 10, "validate.eval_every_n_steps": 2,
+        "train.learning_rate": 0.05, "train.checkpoints_total_limit": 10, "validate.eval_every_n_steps": 2,
         "validate.eval_split": 0.25, "validate.eval_sigmas": SIGMAS}
 EVAL_STEPS = [0, 2, 4, 6, 8]
 
@@ -141,6 +141,10 @@ def test_the_eval_curve_is_identical_across_a_kill_and_resume(with_eval, encoded
     run_stage("train", root / "params.yaml")
     assert json.loads(layout_for(root, "outputs").train_metrics.read_text())["resumed_from_step"] == 4
     assert _eval_history(root) == _eval_history(with_eval)  # exact floats, each step logged once
+    resumed, uninterrupted = (json.loads(layout_for(r, "outputs").train_metrics.read_text())
+                              for r in (root, with_eval))
+    for key in ("eval_loss", "best_eval_loss", "best_eval_step", "selected_step"):
+        assert resumed[key] == uninterrupted[key], key
 
 
 def test_a_held_out_image_never_appears_in_a_training_batch(encoded):
@@ -167,3 +171,51 @@ def _all_samples(root: Path):
     from flux2lora.train.draws import load_samples
 
     return load_samples(layout_for(root, "outputs"))[0]
+
+
+# A learning rate that warms up into one too large for the tiny model: the held-out loss falls, then rises.
+OVERFIT = {"train.max_train_steps": 40, "train.learning_rate": 0.3, "train.lr_scheduler": "constant_with_warmup",
+           "train.lr_warmup_steps": 10, "train.checkpointing_steps": 4, "train.checkpoints_total_limit": 1,
+           "train.checkpoint_selection": "best_eval", "train.early_stopping_patience": 3,
+           "validate.eval_every_n_steps": 2, "publish.registered_model_name": "evalloss-lora"}
+
+
+def test_best_eval_publishes_the_lowest_eval_loss_step_and_early_stopping_ends_the_run(encoded, tmp_path, caplog):
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    root = _copy(encoded, tmp_path, **OVERFIT)
+    with caplog.at_level(logging.WARNING, logger="flux2lora.train.recipe"):
+        run_stage("train", root / "params.yaml")
+    layout = layout_for(root, "outputs")
+    curve = _eval_history(root)["eval_loss"]
+    best = min(curve, key=curve.get)
+    metrics = json.loads(layout.train_metrics.read_text())
+    assert 0 < best and metrics["selected_step"] == best == metrics["best_eval_step"], (curve, metrics)
+    # stopped after 3 evaluations (every 2 steps) without improvement, before max_train_steps
+    assert metrics["steps"] == best + 3 * 2 < 40
+    assert sorted(curve)[-1] == metrics["steps"] and curve[metrics["steps"]] > curve[best], curve
+    assert "early stopping" in metrics["stop_reason"] and "early_stopping_patience=3" in metrics["stop_reason"]
+    assert any("early stopping" in r.getMessage() for r in caplog.records)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run_id = json.loads(layout.run_file.read_text())["run_id"]
+    tags = client.get_run(run_id).data.tags
+    assert tags["stop_reason"] == metrics["stop_reason"] and tags["stopped_at_step"] == str(metrics["steps"])
+    assert tags["selected_step"] == str(best)
+    # the best step's checkpoint survived checkpoints_total_limit: 1, and its LoRA is the one written
+    from flux2lora.train.checkpoint import list_checkpoints
+
+    checkpoints = {c.step: c for c in list_checkpoints(layout.checkpoints_dir)}
+    assert best in checkpoints and len(checkpoints) == 2, sorted(checkpoints)
+    written = load_file(str(layout.lora_file))
+    kept = checkpoints[best].lora
+    assert {f"transformer.{k}" for k in kept} == set(written)
+    assert all(torch.equal(written[f"transformer.{k}"], v) for k, v in kept.items())
+    # published: the model card and the registry name the step
+    run_stage("publish", root / "params.yaml")
+    card = (layout.publish_dir / "README.md").read_text()
+    assert f"| published checkpoint | step {best} (lowest eval loss) |" in card
+    version = client.get_model_version("evalloss-lora", "1")
+    assert version.tags["selected_step"] == str(best)
+    assert float(version.tags["eval_loss"]) == pytest.approx(curve[best])

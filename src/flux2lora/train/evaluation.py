@@ -113,6 +113,7 @@ class EvaluationLoss:
         self.chunks = self._chunks(samples, latent_store, text_store, cfg.eval_seed,
                                    train.conditioning_multidataset_sampling, train.train_batch_size)
         self.last: dict[str, float] = {}
+        self.selection = EvalSelection(train)
 
     @classmethod
     def for_training(cls, params: Params, samples: list[Sample], source: str, latent_store, text_store,
@@ -144,16 +145,18 @@ class EvaluationLoss:
         return chunks
 
     def due(self, step: int, max_steps: int) -> bool:
-        """Step 0 (the base model), every `every`-th step and the last."""
-        return step % self.every == 0 or step == max_steps
+        """Step 0 (the base model), every `every`-th step and the last; never twice (a resumed run's first step
+        may be one its checkpoint had scored)."""
+        return (step % self.every == 0 or step == max_steps) and step > self.selection.last_step
 
     def describe(self) -> dict[str, str]:
         """Tags for the MLflow run: where the eval set comes from and its size."""
         return {"eval_set": self.source, "eval_images": str(len(self.samples)),
                 "eval_sigmas": ",".join(f"{s:g}" for s in self.sigmas)}
 
-    def evaluate(self) -> dict[str, float]:
-        """`eval_loss/sigma_<s>` for each sigma (mean over the eval images) and `eval_loss`, their mean."""
+    def evaluate(self, step: int) -> dict[str, float]:
+        """`eval_loss/sigma_<s>` for each sigma (mean over the eval images) and `eval_loss`, their mean, of the
+        LoRA at `step` (recorded in `selection`)."""
         t0 = time.perf_counter()
         per_sigma = {}
         dtype = self.transformer.dtype
@@ -170,8 +173,49 @@ class EvaluationLoss:
         metrics["eval_loss"] = math.fsum(per_sigma.values()) / len(per_sigma)
         metrics["eval_time_s"] = time.perf_counter() - t0
         self.last = metrics
+        self.selection.update(step, metrics["eval_loss"])
         return metrics
 
 
 def sigma_metric(sigma: float) -> str:
     return f"eval_loss/sigma_{sigma:g}"
+
+
+class EvalSelection:
+    """The lowest eval loss so far and, from it, the step `checkpoint_selection: best_eval` publishes and when
+    `early_stopping_patience` ends training. An evaluation improves when its loss is below the best by more than
+    `early_stopping_min_delta` (Keras' rule); the step-0 evaluation of the base model is the first. Its state is
+    checkpointed, so a resumed run selects and stops exactly where the uninterrupted one would."""
+
+    def __init__(self, train_cfg):
+        self.keep_best = train_cfg.checkpoint_selection == "best_eval"
+        self.patience, self.min_delta = train_cfg.early_stopping_patience, train_cfg.early_stopping_min_delta
+        self.best_loss, self.best_step, self.since_best, self.last_step = math.inf, None, 0, -1
+
+    def update(self, step: int, loss: float) -> bool:
+        """Record the evaluation at `step`; True when it is the new best."""
+        self.last_step = step
+        if loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_step, self.since_best = loss, step, 0
+            return True
+        self.since_best += 1
+        return False
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training ends early, or None."""
+        if not self.patience or self.since_best < self.patience:
+            return None
+        return (f"early stopping: eval_loss did not improve by more than {self.min_delta:g} in {self.patience} "
+                f"evaluations (best {self.best_loss:.6g} at step {self.best_step}; "
+                f"train.early_stopping_patience={self.patience})")
+
+    def state_dict(self) -> dict:
+        return {"eval_selection": {"best_loss": self.best_loss, "best_step": self.best_step,
+                                   "since_best": self.since_best, "last_step": self.last_step}}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("eval_selection")
+        if saved is not None:
+            self.best_loss, self.best_step = saved["best_loss"], saved["best_step"]
+            self.since_best, self.last_step = saved["since_best"], saved["last_step"]
