@@ -238,6 +238,12 @@ class TrainParams(Section):
     # Stop once this many evaluations in a row failed to lower the best eval loss by more than min_delta.
     early_stopping_patience: int | None = Field(None, ge=1)
     early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    # EMA of the adapter weights (train/ema.py, SimpleTuner's names): diffusers' EMAModel, updated every
+    # ema_update_interval optimizer steps. ema_export: which weights the LoRA file, the eval loss and validation use.
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
+    ema_update_interval: int = Field(1, ge=1)
+    ema_export: Literal["ema", "raw"] = "ema"
 
     @model_validator(mode="after")
     def _one_training_length(self):

@@ -166,6 +166,11 @@ TABLE: dict[str, Computes | str] = {
     "train.checkpoint_selection": _TRAIN,
     "train.early_stopping_patience": _TRAIN,
     "train.early_stopping_min_delta": _TRAIN,
+    # the EMA's weights are what the LoRA file (ema_export: ema), the eval loss and in-training validation use
+    "train.use_ema": _TRAIN,
+    "train.ema_decay": _TRAIN,
+    "train.ema_update_interval": _TRAIN,
+    "train.ema_export": _TRAIN,
 
     # the prompt library's texts and the subject put into them are encoded by encode-text into prompt_embeds/,
     # which validate reads; the library file itself is a dependency of encode-text in dvc.yaml

@@ -382,7 +382,14 @@ SEED_KEYS: dict[str, SeedKey] = {
     "distillation_method": stop_unless("distillation_method", (None, "", "none"),
                                        "flux2lora does not distil models"),
     "init_lora": refuse("start from an existing LoRA", "flux2lora's LoRA starts from its own initialisation"),
-    "use_ema": refuse("EMA of the trained weights", "not supported"),
+    "use_ema": to("train.use_ema", "EMA of the trained weights", False),
+    "ema_decay": to("train.ema_decay", "EMA smoothing factor (unset: flux2lora's 0.995)"),
+    "ema_update_interval": to("train.ema_update_interval", "update the EMA every N optimizer steps (unset: every "
+                              "step)", None, convert=lambda v, c: _int(v, 1) or 1, ours={}),
+    "ema_device": no_effect("where the EMA lives", "the adapter's EMA is small and stays beside the LoRA weights"),
+    "ema_cpu_only": no_effect("keep the EMA on the CPU", "the adapter's EMA is small and stays beside the LoRA "
+                              "weights"),
+    "ema_foreach_disable": no_effect("EMA without foreach kernels", "speed only"),
     "model_flavour": to("model.model_flavour", "FLUX.2 variant (klein-4b, klein-9b, dev)", "klein-9b"),
     "pretrained_model_name_or_path": to("model.pretrained_model_name_or_path",
                                         "base model: hub id or local folder (unset: the flavour's repo)", None),

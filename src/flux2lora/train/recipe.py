@@ -12,6 +12,7 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from ..models import check_not_distilled, component_identity, describe_model, lo
 from ..params_table import stage_inputs
 from ..validate.during_training import TrainingValidator
 from .checkpoint import TrainingState, latest_matching, list_checkpoints
+from .ema import AdapterEMA
 from .draws import StepDraws, load_samples, routing_generator, total_steps
 from .evaluation import EvaluationLoss, split_for_evaluation
 from .lora import add_lora, lora_state_dict, save_diffusers_lora, target_modules
@@ -206,8 +208,9 @@ class LoRATrainingRecipe:
             params.model.flavour.guidance_embeds, self.transformer, self.device, self.training_step.autocast_dtype)
         # the best eval loss so far (best_eval, early stopping) travels in every checkpoint
         self.selection = self.evaluation.selection if self.evaluation is not None else None
+        self.ema = AdapterEMA.for_training(self.training_step.lora_params, cfg)  # train.use_ema
         self.state = TrainingState(self.transformer, self.training_step, self.draws, self.accelerator,
-                                   extras=(self.selection,) if self.selection is not None else ())
+                                   extras=tuple(x for x in (self.selection, self.ema) if x is not None))
         # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
         self.validator = TrainingValidator.for_training(params, self.root, self.transformer, self.device) \
             if self.main_process else None
@@ -310,10 +313,15 @@ class LoRATrainingRecipe:
         forward of a sharded model needs them all). True when it is a new best that best_eval keeps."""
         if self.evaluation is None or not self.evaluation.due(step, self.max_steps):
             return False
-        metrics = self.evaluation.evaluate(step)
+        with self._exported_weights():
+            metrics = self.evaluation.evaluate(step)
         run_log.step(step, metrics)
         log.info("eval loss at step %d: %.6f", step, metrics["eval_loss"])
         return self.selection.keep_best and self.selection.best_step == step
+
+    def _exported_weights(self):
+        """The weights the LoRA file will hold, for evaluation and validation: the EMA's with ema_export: ema."""
+        return self.ema.exported_weights() if self.ema is not None else contextlib.nullcontext()
 
     def _checkpoint(self, step: int, run_log: RunLog) -> None:
         """Checkpoint `step`; best_eval's best checkpoint is never deleted by checkpoints_total_limit."""
@@ -325,6 +333,8 @@ class LoRATrainingRecipe:
 
     def _after_step(self, done: int, grad_norm: float, run_log: RunLog) -> None:
         cfg = self.cfg
+        if self.ema is not None:
+            self.ema.after_step(done)
         if done % cfg.log_every_n_steps == 0 or done == self.max_steps:
             run_log.step(done, {"loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
                                 "grad_norm": float(grad_norm), "step_time_s": self.step_time})
@@ -332,7 +342,8 @@ class LoRATrainingRecipe:
         if (done % cfg.checkpointing_steps == 0 or new_best) and done < self.max_steps:
             self._checkpoint(done, run_log)
         if self.validator is not None and self.validator.due(done):
-            self.validator.run(done, run_log.mlflow)
+            with self._exported_weights():
+                self.validator.run(done, run_log.mlflow)
         # FLUX2LORA_FAULT=train:step=N fails once here, after step N's checkpoint: the retry resumes from it
         faults.maybe_fail("train", f"step={done}", self.layout.output_dir)
 
@@ -342,6 +353,8 @@ class LoRATrainingRecipe:
         """The LoRA in the diffusers format, train/metrics.json and the MLflow run file (main process)."""
         self.accelerator.wait_for_everyone()
         selected = self._select_lora()
+        if self.ema is not None:
+            self.ema.export()  # ema_export: ema writes the EMA's weights
         if not self.main_process:
             lora_state_dict(self.transformer)  # FSDP: take part in gathering the final LoRA
             return {"final_loss": self.last_loss, "steps": self.last_step, "process": self.rank}
@@ -350,7 +363,8 @@ class LoRATrainingRecipe:
                     "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": cfg.flux_lora_target,
                     "steps": self.last_step, "processes": self.processes,
                     "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root),
-                    **({"selected_step": selected} if cfg.checkpoint_selection == "best_eval" else {})}
+                    **({"selected_step": selected} if cfg.checkpoint_selection == "best_eval" else {}),
+                    **({"ema_export": cfg.ema_export, "ema_decay": cfg.ema_decay} if cfg.use_ema else {})}
         # no MLflow run id (train/mlflow_run.json has it): identical inputs give a byte-identical LoRA file
         lora_file = save_diffusers_lora(self.transformer, pipeline_class(self.params.model), layout.lora_dir,
                                         metadata)
@@ -380,6 +394,8 @@ class LoRATrainingRecipe:
                             f"(lowest eval loss) is missing from {self.layout.checkpoints_dir}; re-run training "
                             "with train.resume_from_checkpoint: null")
         TrainingState.restore_lora(self.transformer, best)
+        if self.ema is not None:
+            self.ema.load_state_dict(best.training_state())  # that step's average
         log.info("train: writing the LoRA of step %d (lowest eval loss %.6f) instead of the last step's (%d)",
                  best.step, selection.best_loss, self.last_step)
         return best.step
