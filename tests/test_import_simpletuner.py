@@ -433,3 +433,17 @@ def test_use_dora_as_simpletuner_applies_it(tmp_path, project):
     report, params = imported(tmp_path, project, {"use_dora": "true", "base_model_precision": "int8-quanto"})
     assert not params.train.use_dora and params.train.base_model_precision == "int8-quanto"
     assert any(row["source"].endswith("use_dora") and "quanto" in row["reason"] for row in report.no_effect)
+
+
+def test_eval_and_ema_keys_map_by_meaning(tmp_path, project):
+    report, params = imported(tmp_path, project, {"eval_steps_interval": 50, "num_eval_images": 3,
+                                                  "eval_timesteps": 4, "use_ema": True, "ema_decay": 0.999,
+                                                  "ema_update_interval": 10, "ema_device": "accelerator"})
+    cfg = params.validate_
+    assert (cfg.eval_every_n_steps, cfg.eval_max_samples) == (50, 3)
+    assert cfg.eval_sigmas == [0.125, 0.375, 0.625, 0.875]  # 4 equal bands of (0, 1], their middles
+    assert (params.train.use_ema, params.train.ema_decay, params.train.ema_update_interval) == (True, 0.999, 10)
+    assert report.status()["config.json ema_device"] == "no effect"
+    report, params = imported(tmp_path, project, {"eval_dataset_id": "held"})
+    assert report.status()["config.json eval_dataset_id"] == "refused"
+    assert params.validate_.eval_every_n_steps == 100  # unset: flux2lora's (the eval loss is on by default)

@@ -62,6 +62,8 @@ EXAMPLES: dict[str, typing.Any] = {
     "validate.user_prompt_library": "prompts-copy.json",
     "validate.validation_resolution": "32x32",
     "validate.validation_step_interval": 5,
+    "train.early_stopping_patience": 3,
+    "validate.eval_sigmas": [0.25, 0.75],
     "publish.s3_uri": "s3://bucket/loras",
     "publish.s3_endpoint_url": "http://127.0.0.1:9000",
     "publish.hub_repo_id": "someone/lora",

@@ -241,6 +241,18 @@ class TrainParams(Section):
     checkpoints_total_limit: int | None = Field(3, ge=1)
     resume_from_checkpoint: Literal["latest"] | None = "latest"
     log_every_n_steps: int = Field(1, ge=1)
+    # Which LoRA the stage writes: the last step's, or the one whose evaluation loss (validate.eval_*) was lowest;
+    # that step's checkpoint is kept whatever checkpoints_total_limit says.
+    checkpoint_selection: Literal["last", "best_eval"] = "last"
+    # Stop once this many evaluations in a row failed to lower the best eval loss by more than min_delta.
+    early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_min_delta: float = Field(0.0, ge=0.0)
+    # EMA of the adapter weights (train/ema.py, SimpleTuner's names): diffusers' EMAModel, updated every
+    # ema_update_interval optimizer steps. ema_export: which weights the LoRA file, the eval loss and validation use.
+    use_ema: bool = False
+    ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
+    ema_update_interval: int = Field(1, ge=1)
+    ema_export: Literal["ema", "raw"] = "ema"
 
     @model_validator(mode="after")
     def _one_training_length(self):
@@ -298,6 +310,23 @@ class ValidateParams(Section):
     # Validate during training every N steps (grid logged to MLflow at that step). null or 0: only the validate
     # stage, which renders the final LoRA after training; the loop never renders the last step itself.
     validation_step_interval: int | None = Field(None, ge=0)
+    # Evaluation loss while training (train/evaluation.py): at step 0, every eval_every_n_steps steps and at the last
+    # step, the flow-matching loss of a fixed eval set at each of eval_sigmas with fixed noise (seeded by eval_seed
+    # and each image's key). 0: off.
+    eval_every_n_steps: int = Field(100, ge=0)
+    # Share of the prepared images held out for evaluation and never trained on, chosen by a hash of each image's
+    # key (an image stays on its side when others are added). 0: a fixed sample of the training images is scored.
+    eval_split: float = Field(0.0, ge=0.0, lt=1.0)
+    eval_max_samples: int = Field(8, ge=1)  # at most this many eval images (those with the lowest key hash)
+    eval_sigmas: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9], min_length=1)
+    eval_seed: int = 0
+
+    @field_validator("eval_sigmas")
+    @classmethod
+    def _sigmas_in_range(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < s <= 1.0 for s in value) or len(set(value)) != len(value):
+            raise ValueError(f"validate.eval_sigmas {value}: each sigma must be in (0, 1], without repeats")
+        return value
 
     @property
     def resolutions(self) -> list[tuple[int, int]]:
@@ -431,6 +460,15 @@ class Params(Section):
 
             resolve_target_patterns(flavour_modules(self.model.model_flavour), self.train.lora_target_modules,
                                     f"{self.model.model_flavour}'s transformer")
+        return self
+
+    @model_validator(mode="after")
+    def _selection_needs_eval(self):
+        cfg = self.train
+        if (cfg.checkpoint_selection == "best_eval" or cfg.early_stopping_patience) and \
+                not self.validate_.eval_every_n_steps:
+            raise ValueError("train.checkpoint_selection: best_eval and train.early_stopping_patience need the "
+                             "evaluation loss: set validate.eval_every_n_steps > 0")
         return self
 
     @model_validator(mode="after")

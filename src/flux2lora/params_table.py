@@ -164,6 +164,15 @@ TABLE: dict[str, Computes | str] = {
     "train.checkpoints_total_limit": RUNS,
     "train.resume_from_checkpoint": RUNS,
     "train.log_every_n_steps": RUNS,
+    # which step's LoRA is written, and when training ends
+    "train.checkpoint_selection": _TRAIN,
+    "train.early_stopping_patience": _TRAIN,
+    "train.early_stopping_min_delta": _TRAIN,
+    # the EMA's weights are what the LoRA file (ema_export: ema), the eval loss and in-training validation use
+    "train.use_ema": _TRAIN,
+    "train.ema_decay": _TRAIN,
+    "train.ema_update_interval": _TRAIN,
+    "train.ema_export": _TRAIN,
 
     # the prompt library's texts and the subject put into them are encoded by encode-text into prompt_embeds/,
     # which validate reads; the library file itself is a dependency of encode-text in dvc.yaml
@@ -177,6 +186,13 @@ TABLE: dict[str, Computes | str] = {
     "validate.enable_group_offload": RUNS,
     # images logged to MLflow while training: they observe the run and never change the LoRA
     "validate.validation_step_interval": RUNS,
+    # the evaluation loss is computed by train (its curve in MLflow, metrics.json, best_eval and early stopping):
+    # the eval set and its noise are part of the run's identity; eval_split also changes what is trained on
+    "validate.eval_every_n_steps": _TRAIN,
+    "validate.eval_split": _TRAIN,
+    "validate.eval_max_samples": _TRAIN,
+    "validate.eval_sigmas": _TRAIN,
+    "validate.eval_seed": _TRAIN,
 
     "publish.s3_uri": PUBLISHES,
     "publish.s3_endpoint_url": PUBLISHES,

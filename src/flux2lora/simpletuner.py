@@ -381,6 +381,15 @@ def _uniform(value, config):
     raise NoEffect("false: SimpleTuner's default sigmoid-of-normal sampling (weighting_scheme logit_normal)")
 
 
+def _eval_sigmas(count) -> list[float]:
+    """SimpleTuner's eval_timesteps (how many timesteps it scores) as that many evenly spaced sigmas, the middle of
+    each of `count` equal bands of (0, 1]."""
+    count = _int(count)
+    if count < 1:
+        raise Refused("eval_timesteps must be at least 1")
+    return [round((i + 0.5) / count, 6) for i in range(count)]
+
+
 def stop_unless(meaning: str, harmless: tuple, why: str) -> SeedKey:
     """A setting that would train a different kind of model: the import stops unless it has a harmless value."""
     def apply(value, config):
@@ -410,7 +419,14 @@ SEED_KEYS: dict[str, SeedKey] = {
     "distillation_method": stop_unless("distillation_method", (None, "", "none"),
                                        "flux2lora does not distil models"),
     "init_lora": refuse("start from an existing LoRA", "flux2lora's LoRA starts from its own initialisation"),
-    "use_ema": refuse("EMA of the trained weights", "not supported"),
+    "use_ema": to("train.use_ema", "EMA of the trained weights", False),
+    "ema_decay": to("train.ema_decay", "EMA smoothing factor (unset: flux2lora's 0.995)"),
+    "ema_update_interval": to("train.ema_update_interval", "update the EMA every N optimizer steps (unset: every "
+                              "step)", None, convert=lambda v, c: _int(v, 1) or 1, ours={}),
+    "ema_device": no_effect("where the EMA lives", "the adapter's EMA is small and stays beside the LoRA weights"),
+    "ema_cpu_only": no_effect("keep the EMA on the CPU", "the adapter's EMA is small and stays beside the LoRA "
+                              "weights"),
+    "ema_foreach_disable": no_effect("EMA without foreach kernels", "speed only"),
     "model_flavour": to("model.model_flavour", "FLUX.2 variant (klein-4b, klein-9b, dev)", "klein-9b"),
     "pretrained_model_name_or_path": to("model.pretrained_model_name_or_path",
                                         "base model: hub id or local folder (unset: the flavour's repo)", None),
@@ -539,8 +555,13 @@ SEED_KEYS: dict[str, SeedKey] = {
     "validation_disable_unconditional": no_effect("skip the base model's images", "the base model's images are "
                                                   "always rendered beside the LoRA's"),
     "validation_guidance_rescale": refuse("CFG rescale", "not supported", harmless=(0, 0.0, None)),
-    "num_eval_images": no_effect("images of the evaluation loss", "flux2lora has no evaluation-loss pass"),
-    "eval_steps_interval": refuse("evaluation-loss interval", "flux2lora has no evaluation-loss pass"),
+    # evaluation loss: unset keeps flux2lora's (on by default, a fixed sample of the training images without a split)
+    "num_eval_images": to("validate.eval_max_samples", "images of the evaluation loss"),
+    "eval_steps_interval": to("validate.eval_every_n_steps",
+                              "evaluation-loss interval (steps)"),
+    "eval_timesteps": to("validate.eval_sigmas", "timesteps scored by the evaluation loss (a count)",
+                         convert=lambda v, c: _eval_sigmas(v)),
+    "eval_dataset_id": refuse("a separate eval dataset", "not supported: hold images out with validate.eval_split"),
     "fuse_qkv_projections": refuse("fused attention projections", "not supported (speed only)"),
     "disable_bucket_pruning": no_effect("keep images of under-filled buckets", "flux2lora never prunes buckets"),
     **{key: no_effect("SDNQ quantisation tuning", "SDNQ precisions are trained as their nearest quanto precision")

@@ -48,13 +48,16 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
                rank: int, alpha: float, steps: int, final_loss: float, dataset_hash: str, run_id: str,
                grid_file: str | None, diffusers_file: str = "pytorch_lora_weights.safetensors",
                bfl_file: str | None = None, repo_id: str | None = None, base_model_url: str | None = None,
-               git_commit: str | None = None, warning: str | None = None, dora: bool = False) -> str:
+               git_commit: str | None = None, warning: str | None = None, dora: bool = False,
+               selected_step: int | None = None, eval_loss: float | None = None) -> str:
     """Markdown with YAML front matter and loading examples.
 
     `repo_id`: where the card will live on the Hub (the examples load from it), else a local folder is assumed.
     `base_model_url`: a link to the base model's page (its licence text); omitted for local base models.
     `warning`: shown at the top (e.g. a LoRA trained on a step-distilled klein with model.allow_distilled).
     `dora`: a DoRA adapter, which ComfyUI does not apply as trained (its row says diffusers / peft only).
+    `selected_step`: with train.checkpoint_selection best_eval, the step whose LoRA this is (lowest eval loss);
+    `eval_loss`: that LoRA's evaluation loss.
     """
     lic = licence_of(licence)
     trigger = trigger_phrase or "(none)"
@@ -88,6 +91,10 @@ Copy `{bfl_file}` into `ComfyUI/models/loras/` and apply it to the FLUX.2 {flavo
 the same strength.
 """ if bfl_file else "")
     commit_row = f"| git commit | `{git_commit}` |\n" if git_commit else ""
+    if selected_step is not None:
+        commit_row = f"| published checkpoint | step {selected_step} (lowest eval loss) |\n" + commit_row
+    if eval_loss is not None:
+        commit_row = f"| eval loss | {eval_loss:.4f} |\n" + commit_row
     return f"""---
 base_model: {yaml_scalar(base_model)}
 library_name: diffusers

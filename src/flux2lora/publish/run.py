@@ -104,6 +104,14 @@ def publish_errors(key: str, destination: str):
             permanent=status in (400, 401, 403, 404) or isinstance(e, ValueError)) from e
 
 
+def selection_of(metrics: dict) -> dict:
+    """The published LoRA's step when train.checkpoint_selection best_eval chose it, and its eval loss (from
+    train/metrics.json): for the model card and the registry's version tags."""
+    best = metrics.get("checkpoint_selection") == "best_eval"
+    eval_loss = metrics.get("best_eval_loss") if best else metrics.get("eval_loss")
+    return {"selected_step": metrics.get("selected_step") if best else None, "eval_loss": eval_loss}
+
+
 def publish(params: Params, root: Path) -> dict:
     """Assemble the publish folder; upload it to S3 / the Hub when configured; tag the MLflow run; register.
 
@@ -149,7 +157,7 @@ def publish(params: Params, root: Path) -> dict:
         repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_id}" if is_hub_model else None,
         git_commit=train_tags.get("git_commit"),
         warning=" ".join(w for w in (lora_meta.get("flux2lora.distilled_warning"), DORA_NOTE if dora else None) if w)
-        or None, dora=dora))
+        or None, dora=dora, **selection_of(metrics)))
     # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
 
@@ -181,7 +189,7 @@ def publish(params: Params, root: Path) -> dict:
                 "flavour": model.model_flavour, "base_model": model.model_id,
                 "lora_sha256": sha256_of(diffusers_file), "lora_file": diffusers_file.name,
                 **({"bfl_file": bfl_file.name} if bfl_file else {}), "s3_uri": result["s3"],
-                "hub_url": result["hub"]})
+                "hub_url": result["hub"], **{k: str(v) for k, v in selection_of(metrics).items() if v is not None}})
             result["registered_model"] = {"name": cfg.registered_model_name, "version": str(version.version)}
     write_json_atomic(layout.output_dir / "publish.json", result)
     log.info("publish: %s%s%s", out, f", {result['s3']}" if result["s3"] else "",

@@ -37,8 +37,9 @@ class Checkpoint:
 
 
 def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], training_state: dict, info: dict,
-                    keep: int | None) -> Path:
-    """Write checkpoint `step` under `folder`, then delete the oldest beyond `keep`."""
+                    keep: int | None, protect: int | None = None) -> Path:
+    """Write checkpoint `step` under `folder`, then delete the oldest beyond `keep`; the checkpoint of step
+    `protect` (the best eval loss's) is never deleted and not counted."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:06d}"
     tmp = folder / f".tmp-{PREFIX}{step:06d}-{os.getpid()}"
@@ -51,7 +52,7 @@ def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], trai
         shutil.rmtree(final)
     os.replace(tmp, final)
     if keep:
-        for old in list_checkpoints(folder)[:-keep]:
+        for old in [c for c in list_checkpoints(folder) if c.step != protect][:-keep]:
             shutil.rmtree(old.path, ignore_errors=True)
     return final
 
@@ -90,13 +91,15 @@ class TrainingState:
     torch RNG (LoRA dropout).
 
     With several processes every process calls `capture` (FSDP gathers the LoRA's and the optimizer's shards there;
-    every process's RNG is gathered); only the main one writes."""
+    every process's RNG is gathered); only the main one writes. `extras`: more objects with state_dict /
+    load_state_dict whose state travels in the same file (the evaluation's best-so-far)."""
 
-    def __init__(self, transformer, training_step, draws, accelerator):
+    def __init__(self, transformer, training_step, draws, accelerator, extras: tuple = ()):
         self.transformer, self.training_step, self.draws = transformer, training_step, draws
-        self.accelerator = accelerator
+        self.accelerator, self.extras = accelerator, extras
 
-    def capture(self, folder: Path, step: int, info: dict, keep: int | None) -> Path | None:
+    def capture(self, folder: Path, step: int, info: dict, keep: int | None,
+                protect: int | None = None) -> Path | None:
         """Write checkpoint `step` (main process); returns its folder there, None elsewhere."""
         from .lora import lora_state_dict
 
@@ -109,7 +112,10 @@ class TrainingState:
         if not self.accelerator.is_main_process:
             return None
         state.update(self.draws.state_dict(), torch_rng=torch_rng[0], torch_rng_per_process=torch_rng)
-        return save_checkpoint(folder, step, lora, state, {**info, "processes": processes}, keep=keep)
+        for extra in self.extras:
+            state.update(extra.state_dict())
+        return save_checkpoint(folder, step, lora, state, {**info, "processes": processes}, keep=keep,
+                               protect=protect)
 
     @staticmethod
     def restore_lora(transformer, checkpoint: Checkpoint) -> None:
@@ -123,6 +129,8 @@ class TrainingState:
         state = checkpoint.training_state()
         self.training_step.load_state_dict(state)
         self.draws.load_state_dict(state)
+        for extra in self.extras:
+            extra.load_state_dict(state)
         rank = self.accelerator.process_index
         per_process = state.get("torch_rng_per_process", [state["torch_rng"]])
         # a run resumed on another process count (allowed: it changes how the run executes) reuses the saved RNGs

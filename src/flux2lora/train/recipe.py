@@ -12,6 +12,7 @@ stopped.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -35,8 +36,10 @@ from ..layout import layout_for
 from ..models import check_not_distilled, component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device
 from ..params_table import stage_inputs
 from ..validate.during_training import TrainingValidator
-from .checkpoint import TrainingState, latest_matching
+from .checkpoint import TrainingState, latest_matching, list_checkpoints
+from .ema import AdapterEMA
 from .draws import StepDraws, load_samples, routing_generator, total_steps
+from .evaluation import EvaluationLoss, split_for_evaluation
 from .lora import add_lora, lora_state_dict, save_diffusers_lora, targets_description, training_targets
 from .model import build_training_model
 from .schedules import build_lr_scheduler
@@ -92,7 +95,7 @@ class RunLog:
         self.mlflow = tracking.configure(params, root) if main_process else None
         self.run = None
         self.active_file = active_file
-        self.logged_until = 0  # the last step whose metrics the run already holds
+        self.logged_until = -1  # the last step whose metrics the run already holds (step 0: the base's eval loss)
 
     def start(self, run_id: str | None, layout, num_lora_modules: int, start_step: int) -> None:
         """Open (or, resuming, reopen) the run; a new run gets the params, tags and prepare's report."""
@@ -116,8 +119,9 @@ class RunLog:
             log_prepare_report(mlflow, layout)  # images accepted / skipped by reason, beside the losses
         mlflow.set_tag("resumed_from_step", start_step)
         if run_id is not None:
-            history = mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss")
-            self.logged_until = max((m.step for m in history), default=0)
+            client = mlflow.tracking.MlflowClient()
+            self.logged_until = max((m.step for key in ("loss", "eval_loss")
+                                     for m in client.get_metric_history(run_id, key)), default=-1)
         if self.active_file is not None:
             write_json_atomic(self.active_file, {"run_id": self.run_id})
 
@@ -149,6 +153,10 @@ class RunLog:
         if self.enabled and step > self.logged_until:  # asynchronous: a committed sqlite write per step would cost ~10 ms of training time each
             self.mlflow.log_metrics(metrics, step=step, synchronous=False)
 
+    def tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            self.mlflow.set_tags(tags)
+
     def finish(self, lora_file: Path, final_loss: float) -> None:
         self.mlflow.log_artifact(str(lora_file), artifact_path="lora")
         self.mlflow.flush_async_logging()
@@ -169,6 +177,7 @@ class LoRATrainingRecipe:
         self.params, self.root, self.cfg = params, root, params.train
         self.layout = layout_for(root, params.output_dir)
         self.start_step, self.run_id = 0, None
+        self.last_step = 0  # the last step trained (below max_steps when early stopping ended the run)
         self.losses: list[float] = []
         self.last_loss, self.step_time = float("nan"), 0.0
 
@@ -185,6 +194,8 @@ class LoRATrainingRecipe:
         self.device = self.accelerator.device if self.processes > 1 else resolve_device(params.model.device)
         warn_if_guidance_ignored(params)
         samples, empty_key = load_samples(layout)
+        # validate.eval_split: the held-out images never reach the batches
+        samples, eval_samples, eval_source = split_for_evaluation(samples, params)
         batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
         self.max_steps = total_steps(cfg, batches, self.processes)
         self.fingerprint = fingerprint(params, layout)
@@ -192,7 +203,14 @@ class LoRATrainingRecipe:
         self.draws = StepDraws(cfg, batches, TensorStore(layout.latents_dir), TensorStore(layout.text_embeds_dir),
                                empty_key, params.model.flavour.guidance_embeds, self.device, self.processes,
                                self.rank)
-        self.state = TrainingState(self.transformer, self.training_step, self.draws, self.accelerator)
+        self.evaluation = EvaluationLoss.for_training(
+            params, eval_samples, eval_source, self.draws.latent_store, self.draws.text_store,
+            params.model.flavour.guidance_embeds, self.transformer, self.device, self.training_step.autocast_dtype)
+        # the best eval loss so far (best_eval, early stopping) travels in every checkpoint
+        self.selection = self.evaluation.selection if self.evaluation is not None else None
+        self.ema = AdapterEMA.for_training(self.training_step.lora_params, cfg)  # train.use_ema
+        self.state = TrainingState(self.transformer, self.training_step, self.draws, self.accelerator,
+                                   extras=tuple(x for x in (self.selection, self.ema) if x is not None))
         # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
         self.validator = TrainingValidator.for_training(params, self.root, self.transformer, self.device) \
             if self.main_process else None
@@ -249,6 +267,7 @@ class LoRATrainingRecipe:
             return
         self.state.restore(self.checkpoint)
         self.start_step, self.run_id = self.checkpoint.step, self.checkpoint.state.get("mlflow_run_id")
+        self.last_step = self.start_step
         log.info("resuming from checkpoint %s (step %d of %d)", self.checkpoint.path.name, self.start_step,
                  self.max_steps)
 
@@ -259,6 +278,10 @@ class LoRATrainingRecipe:
         cfg = self.cfg
         progress = tqdm(range(self.start_step, self.max_steps), desc="train", unit="step", initial=self.start_step,
                         total=self.max_steps, disable=not self.main_process)
+        if self.evaluation is not None:
+            run_log.tags(self.evaluation.describe())
+            if self._evaluate(0, run_log):  # the base model: where the curve starts
+                self._checkpoint(0, run_log)
         for step in progress:
             t0 = time.perf_counter()
             micro_batches = self.draws.micro_batches(step)
@@ -272,19 +295,55 @@ class LoRATrainingRecipe:
             self.step_time, self.last_loss = time.perf_counter() - t0, loss
             self.losses.append(loss)
             progress.set_postfix(loss=f"{loss:.4f}")
+            self.last_step = step + 1
             self._after_step(step + 1, grad_norm, run_log)
+            if self.stop_reason is not None:
+                break
+        if self.stop_reason is not None:
+            log.warning("train: %s; stopped after step %d of %d", self.stop_reason, self.last_step, self.max_steps)
+            run_log.tags({"stop_reason": self.stop_reason, "stopped_at_step": str(self.last_step)})
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training ends before max_steps (early stopping), or None."""
+        return self.selection.stop_reason if self.selection is not None else None
+
+    def _evaluate(self, step: int, run_log: RunLog) -> bool:
+        """The evaluation loss at `step` when due, logged beside the training loss (every process scores it: the
+        forward of a sharded model needs them all). True when it is a new best that best_eval keeps."""
+        if self.evaluation is None or not self.evaluation.due(step, self.max_steps):
+            return False
+        with self._exported_weights():
+            metrics = self.evaluation.evaluate(step)
+        run_log.step(step, metrics)
+        log.info("eval loss at step %d: %.6f", step, metrics["eval_loss"])
+        return self.selection.keep_best and self.selection.best_step == step
+
+    def _exported_weights(self):
+        """The weights the LoRA file will hold, for evaluation and validation: the EMA's with ema_export: ema."""
+        return self.ema.exported_weights() if self.ema is not None else contextlib.nullcontext()
+
+    def _checkpoint(self, step: int, run_log: RunLog) -> None:
+        """Checkpoint `step`; best_eval's best checkpoint is never deleted by checkpoints_total_limit."""
+        keep_best = self.selection is not None and self.selection.keep_best
+        self.state.capture(self.layout.checkpoints_dir, step,
+                           {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
+                            "loss": self.last_loss}, keep=self.cfg.checkpoints_total_limit,
+                           protect=self.selection.best_step if keep_best else None)
 
     def _after_step(self, done: int, grad_norm: float, run_log: RunLog) -> None:
         cfg = self.cfg
+        if self.ema is not None:
+            self.ema.after_step(done)
         if done % cfg.log_every_n_steps == 0 or done == self.max_steps:
             run_log.step(done, {"loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
                                 "grad_norm": float(grad_norm), "step_time_s": self.step_time})
-        if done % cfg.checkpointing_steps == 0 and done < self.max_steps:
-            self.state.capture(self.layout.checkpoints_dir, done,
-                               {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
-                                "loss": self.last_loss}, keep=cfg.checkpoints_total_limit)
+        new_best = self._evaluate(done, run_log)
+        if (done % cfg.checkpointing_steps == 0 or new_best) and done < self.max_steps:
+            self._checkpoint(done, run_log)
         if self.validator is not None and self.validator.due(done):
-            self.validator.run(done, run_log.mlflow)
+            with self._exported_weights():
+                self.validator.run(done, run_log.mlflow)
         # FLUX2LORA_FAULT=train:step=N fails once here, after step N's checkpoint: the retry resumes from it
         faults.maybe_fail("train", f"step={done}", self.layout.output_dir)
 
@@ -293,28 +352,62 @@ class LoRATrainingRecipe:
     def save(self, run_log: RunLog) -> dict:
         """The LoRA in the diffusers format, train/metrics.json and the MLflow run file (main process)."""
         self.accelerator.wait_for_everyone()
+        selected = self._select_lora()
+        if self.ema is not None:
+            self.ema.export()  # ema_export: ema writes the EMA's weights
         if not self.main_process:
             lora_state_dict(self.transformer)  # FSDP: take part in gathering the final LoRA
-            return {"final_loss": self.last_loss, "steps": self.max_steps, "process": self.rank}
+            return {"final_loss": self.last_loss, "steps": self.last_step, "process": self.rank}
         cfg, layout, losses = self.cfg, self.layout, self.losses
         metadata = {**describe_model(self.params.model), "rank": cfg.lora_rank,
                     "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": targets_description(cfg),
                     "kind": "dora" if cfg.use_dora else "lora",
-                    "steps": self.max_steps, "processes": self.processes,
-                    "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root)}
+                    "steps": self.last_step, "processes": self.processes,
+                    "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root),
+                    **({"selected_step": selected} if cfg.checkpoint_selection == "best_eval" else {}),
+                    **({"ema_export": cfg.ema_export, "ema_decay": cfg.ema_decay} if cfg.use_ema else {})}
         # no MLflow run id (train/mlflow_run.json has it): identical inputs give a byte-identical LoRA file
         lora_file = save_diffusers_lora(self.transformer, pipeline_class(self.params.model), layout.lora_dir,
                                         metadata)
         run_log.finish(lora_file, self.last_loss)
-        metrics = {"final_loss": self.last_loss, "steps": self.max_steps, "resumed_from_step": self.start_step,
+        metrics = {"final_loss": self.last_loss, "steps": self.last_step, "resumed_from_step": self.start_step,
                    "processes": self.processes,
                    "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
-                   "lora_modules": len(self.targets), "last_step_time_s": self.step_time}
+                   "lora_modules": len(self.targets), "last_step_time_s": self.step_time,
+                   **self._selection_summary(selected)}
+        run_log.tags({"selected_step": str(selected)})
         write_json_atomic(layout.train_metrics, metrics)
         tracking.write_run_file(layout.run_file, run_log.run)
         log.info("train: LoRA written to %s (final loss %.4f)", lora_file, self.last_loss)
         return {**metrics, "lora_file": str(lora_file), "mlflow_run_id": run_log.run_id,
                 "mean_first_losses": sum(losses[:5]) / max(1, len(losses[:5])) if losses else math.nan}
+
+
+    def _select_lora(self) -> int:
+        """The step whose LoRA the stage writes: the last, or with best_eval the lowest eval loss's (its
+        checkpoint's LoRA is loaded into the transformer)."""
+        selection = self.selection
+        if selection is None or not selection.keep_best or selection.best_step in (None, self.last_step):
+            return self.last_step
+        best = next((c for c in list_checkpoints(self.layout.checkpoints_dir) if c.step == selection.best_step), None)
+        if best is None:
+            raise UserError(f"train.checkpoint_selection best_eval: the checkpoint of step {selection.best_step} "
+                            f"(lowest eval loss) is missing from {self.layout.checkpoints_dir}; re-run training "
+                            "with train.resume_from_checkpoint: null")
+        TrainingState.restore_lora(self.transformer, best)
+        if self.ema is not None:
+            self.ema.load_state_dict(best.training_state())  # that step's average
+        log.info("train: writing the LoRA of step %d (lowest eval loss %.6f) instead of the last step's (%d)",
+                 best.step, selection.best_loss, self.last_step)
+        return best.step
+
+    def _selection_summary(self, selected: int) -> dict:
+        summary = {"selected_step": selected, "checkpoint_selection": self.cfg.checkpoint_selection,
+                   "stop_reason": self.stop_reason}
+        if self.evaluation is not None and self.evaluation.last:
+            summary.update(eval_loss=self.evaluation.last["eval_loss"], best_eval_loss=self.selection.best_loss,
+                           best_eval_step=self.selection.best_step)
+        return summary
 
 
 def train(params: Params, root: Path) -> dict:

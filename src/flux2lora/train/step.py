@@ -47,6 +47,21 @@ class MicroBatch:
     references: list[list[torch.Tensor]] | None = None
 
 
+def flow_matching_loss(model, batch: MicroBatch, device: torch.device, autocast_dtype: torch.dtype | None,
+                       dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The training objective of one micro-batch, a scalar: x_t = (1 - sigma) * x0 + sigma * noise, the model's
+    prediction for x_t against noise - x0, MSE over every element (target tokens only). Training and the
+    evaluation loss both compute it here, so they score the same objective.
+
+    autocast_dtype: mixed precision's (None: float32); dtype: the transformer's weight dtype."""
+    s = batch.sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - s) * batch.x0 + s * batch.noise
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        prediction = predict(model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance, batch.references,
+                             generator, dtype=dtype)
+    return torch.nn.functional.mse_loss(prediction.float(), pack(batch.noise - batch.x0).float())
+
+
 class TrainingStep:
     """Forward, loss and backward per micro-batch; clip, optimizer, scaler and scheduler once per step.
 
@@ -77,13 +92,7 @@ class TrainingStep:
 
     def loss(self, batch: MicroBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """The flow-matching loss of one micro-batch (graph kept for backward)."""
-        s = batch.sigmas.view(-1, 1, 1, 1)
-        noisy = (1.0 - s) * batch.x0 + s * batch.noise
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            prediction = predict(self.model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance,
-                                 batch.references, generator, dtype=self.dtype)
-        return torch.nn.functional.mse_loss(prediction.float(), pack(batch.noise - batch.x0).float())
+        return flow_matching_loss(self.model, batch, self.device, self.autocast_dtype, self.dtype, generator)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
