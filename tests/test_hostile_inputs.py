@@ -288,6 +288,7 @@ CACHED = ("outputs/prepare", "outputs/text_embeds", "outputs/latents")
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # a second whole `dvc repro` of the demo: on a loaded 2-core machine it nears 900 s
 def test_two_identical_runs_give_byte_identical_shards_and_manifests(repro_project, tmp_path):
     """The repro project ran each stage in its own process; a second project runs them in this one. Shard headers
     are written by safetensors from a hash map (its order changes per process): sorted, they agree byte for byte."""
