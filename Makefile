@@ -37,14 +37,16 @@ test: install
 
 # A local Prefect server (:4200), process worker and MLflow server (:5000) in the background, on loopback; pids,
 # ports and logs in .services/. Prints the URLs and `export PREFECT_API_URL=... MLFLOW_TRACKING_URI=...`.
+# ARGS passes flags through: make services ARGS="--only mlflow --mlflow-port 0"
+ARGS ?=
 services: install
-	PATH=$(CURDIR)/$(BIN):$$PATH DVC_NO_ANALYTICS=1 $(BIN)/flux2lora services up
+	PATH=$(CURDIR)/$(BIN):$$PATH DVC_NO_ANALYTICS=1 $(BIN)/flux2lora services up $(ARGS)
 
 services-status:
-	$(BIN)/flux2lora services status
+	$(BIN)/flux2lora services status $(ARGS)
 
 services-down:
-	$(BIN)/flux2lora services down
+	$(BIN)/flux2lora services down $(ARGS)
 
 clean-demo:
 	rm -rf outputs models data/demo mlflow.db mlartifacts dvc.lock .prefect
