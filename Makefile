@@ -30,7 +30,7 @@ demo: install models/tiny-klein-4b/model_index.json data/demo/shape_000.png
 	@echo
 	@echo "LoRA:       $(CURDIR)/outputs/lora/pytorch_lora_weights.safetensors"
 	@echo "Published:  $(CURDIR)/outputs/publish/ (model card, samples)"
-	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   then open http://127.0.0.1:5000"
+	@echo "MLflow UI:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1   then open http://127.0.0.1:5000"
 
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider
