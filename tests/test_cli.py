@@ -205,3 +205,39 @@ def test_cache_prune_removes_what_no_index_uses_and_keeps_the_pipeline_current(t
     assert "encode-latents" in done.output.split("dvc.lock:")[1]
     again = json.loads(invoke("cache", "prune", "--params", params, "--json").output)
     assert all(row["entries"] == 0 for row in again["stores"].values())
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    """The command's result line (DVC prints "Updating lock file ..." on stdout before it)."""
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_train_runs_the_pipeline_then_nothing_then_only_what_a_set_changes(tmp_path: Path) -> None:
+    """`flux2lora train` on the tiny model: every stage runs and dvc.lock agrees (`dvc status` clean); a second call
+    runs nothing; `--set train.max_train_steps=12 --stage train` writes params.yaml and re-runs only the params and
+    train stages (the data and caches are up to date), stopping there."""
+    import yaml
+
+    root = make_project(tmp_path / "p", images=4, **{"train.max_train_steps": 6})
+    flux2lora = str(VENV_BIN / "flux2lora")
+    first = run([flux2lora, "train"], root, timeout=900)
+    assert last_line(first) == ("ran: params, prepare, encode-text, encode-latents, train, validate, publish; "
+                                    "up to date: nothing"), first.stdout
+    assert "+ train" in first.stderr and "final loss" in first.stderr
+    assert "Data and pipelines are up to date" in run(["dvc", "status"], root).stdout
+
+    again = run([flux2lora, "train"], root)
+    assert last_line(again).startswith("ran: nothing; up to date: params, prepare"), again.stdout
+
+    changed = run([flux2lora, "train", "--set", "train.max_train_steps=12", "--stage", "train"], root, timeout=900)
+    assert last_line(changed) == ("ran: params, train; up to date: prepare, encode-text, encode-latents"), \
+        changed.stdout
+    assert yaml.safe_load((root / "params.yaml").read_text())["train"]["max_train_steps"] == 12
+    assert json.loads((root / "outputs/train/metrics.json").read_text())["steps"] == 12
+
+    bad = subprocess.run([flux2lora, "train", "--set", "train.lora_rnk=4"], cwd=root, env=project_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "train.lora_rank" in bad.stderr, bad.stderr

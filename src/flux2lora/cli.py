@@ -91,6 +91,73 @@ def stage(name: str = typer.Argument(..., help="prepare | encode-text | encode-l
                json.dumps(summary, indent=2, default=str))
 
 
+def _parse_assignment(text: str) -> tuple[str, object]:
+    """`key=value` of --set: the value read as YAML (20, 0.01, true, null, a string), as params.yaml would."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {text!r}: write it as dotted.key=value, e.g. --set train.max_train_steps=500")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+@app.command("train")
+def train_cmd(params: Path = typer.Option(Path("params.yaml"), "--params",
+                                          help="params file (its folder is the project, with dvc.yaml)"),
+              stop_after: str = typer.Option(None, "--stage", help="stop after this stage (params | prepare | "
+                                             "encode-text | encode-latents | train | validate | publish)"),
+              assignments: list[str] = typer.Option([], "--set", help="dotted.key=value written into params.yaml "
+                                                    "first (validated; repeatable), as the flow's parameters are")):
+    """Run the pipeline from params.yaml as `dvc repro` does: each stage dvc.lock says is out of date runs, in
+    order, and is recorded in dvc.lock; stages up to date are skipped. One line per stage on stderr; the train
+    stage shows its own step / loss / ETA bar."""
+    import os
+    import time
+    from contextlib import chdir
+
+    from .errors import UserError
+    from .params_file import write_overrides
+    from .stages import STAGES, DvcPipeline, run_stage
+
+    _setup_logging()
+    console = _stderr_console()
+    if stop_after is not None and stop_after not in STAGES:
+        _fail(f"--stage {stop_after!r}: stages are {', '.join(STAGES)}")
+    params = params.resolve()
+    root = params.parent
+    if not (root / "dvc.yaml").exists():
+        _fail(f"{root / 'dvc.yaml'} is missing: run `flux2lora train` in a flux2lora project (params.yaml, dvc.yaml)")
+    ran, current = [], []
+    try:
+        overrides = dict(_parse_assignment(a) for a in assignments)
+        if overrides:
+            diff = write_overrides(params, overrides)
+            console.print(f"params.yaml: {', '.join(f'{k}={v!r}' for k, v in overrides.items())}"
+                          + ("" if diff else " (already set)"))
+        with chdir(root), DvcPipeline(root) as dvc:  # DVC resolves its run cache against the working directory
+            for name in STAGES:
+                with console.status(f"{name}: checking dvc.lock"):
+                    up_to_date = dvc.is_current(name)
+                if up_to_date:
+                    current.append(name)
+                    console.print(f"[dim]- {name:15s} up to date[/dim]")
+                else:
+                    started = time.monotonic()
+                    console.print(f"[bold]> {name:15s} running[/bold]")
+                    summary = (_launch_if_distributed(name, params) if name == "train" and
+                               not os.environ.get("WORLD_SIZE") else None) or run_stage(name, params)
+                    dvc.record(name)
+                    ran.append(name)
+                    loss = f", final loss {summary['final_loss']:.4f}" if name == "train" and \
+                        isinstance(summary, dict) and "final_loss" in summary else ""
+                    console.print(f"[green]+ {name:15s} done in {time.monotonic() - started:.1f} s{loss}[/green]")
+                if name == stop_after:
+                    break
+    except (UserError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"ran: {', '.join(ran) or 'nothing'}; up to date: {', '.join(current) or 'nothing'}")
+
+
 def _launch_if_distributed(name: str, params_path: Path) -> dict | None:
     """train with runtime.num_processes > 1, not yet inside a launch: `accelerate launch` of this same command on
     that many processes (their output goes to this console); None otherwise."""
