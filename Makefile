@@ -30,7 +30,7 @@ demo: install models/tiny-klein-4b/model_index.json data/demo/shape_000.png
 	@echo
 	@echo "LoRA:       $(CURDIR)/outputs/lora/pytorch_lora_weights.safetensors"
 	@echo "Published:  $(CURDIR)/outputs/publish/ (model card, samples)"
-	@echo "MLflow UI:  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db   then open http://127.0.0.1:5000"
+	@echo "MLflow UI:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1   then open http://127.0.0.1:5000"
 
 # One pytest worker per core (at most 4: each end-to-end test starts servers and subprocesses of its own); a test
 # file stays on one worker, so its module fixtures (a trained project, a Prefect server) are built once.
@@ -39,14 +39,16 @@ test: install
 
 # A local Prefect server (:4200), process worker and MLflow server (:5000) in the background, on loopback; pids,
 # ports and logs in .services/. Prints the URLs and `export PREFECT_API_URL=... MLFLOW_TRACKING_URI=...`.
+# ARGS passes flags through: make services ARGS="--only mlflow --mlflow-port 0"
+ARGS ?=
 services: install
-	PATH=$(CURDIR)/$(BIN):$$PATH DVC_NO_ANALYTICS=1 $(BIN)/flux2lora services up
+	PATH=$(CURDIR)/$(BIN):$$PATH DVC_NO_ANALYTICS=1 $(BIN)/flux2lora services up $(ARGS)
 
 services-status:
-	$(BIN)/flux2lora services status
+	$(BIN)/flux2lora services status $(ARGS)
 
 services-down:
-	$(BIN)/flux2lora services down
+	$(BIN)/flux2lora services down $(ARGS)
 
 clean-demo:
 	rm -rf outputs models data/demo mlflow.db mlartifacts dvc.lock .prefect

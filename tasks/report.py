@@ -38,9 +38,10 @@ def _mlflow_run(params, root: Path, run_id: str) -> tuple[str, float | None]:
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(run_id)
     if uri.startswith(("http://", "https://")):
-        link = f"[{run.info.run_name}]({uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run_id})"
+        link = f"[{run.info.run_name}]({tracking.run_url(uri, run.info.experiment_id, run_id, 'model-metrics')})"
     else:
-        link = f"`{run.info.run_name}` ({run_id}): `mlflow ui --backend-store-uri {uri}`"
+        link = (f"`{run.info.run_name}` ({run_id}): `MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui "
+                f"--backend-store-uri {uri} --workers 1`")
     times = [m.value for m in client.get_metric_history(run_id, "step_time_s")]
     return link, (len(times) / sum(times) if times and sum(times) > 0 else None)
 

@@ -88,6 +88,11 @@ def test_first_run_trains_with_its_parameters_written_to_params_yaml(night):
     assert "Data and pipelines are up to date" in status, status
     (mlflow_run,) = night.runs()
     assert mlflow_run.data.params["train.max_train_steps"] == "20"
+    # the flow's parameters changed params.yaml: recorded as such, the code's commit stays clean; the run links its
+    # Prefect flow run
+    tags = mlflow_run.data.tags
+    assert tags["params_yaml_changed"] == "true" and not tags["git_commit"].endswith("-dirty"), tags
+    assert tags["prefect.flow_run.id"] and tags["prefect.flow_run.name"], tags
     assert mlflow_run.data.tags[nightly.DATASET_TAG] == nightly.dataset_hash(night.project,
                                                                               _params(night.project))
     assert mlflow_run.data.tags[nightly.PARAMS_TAG] == nightly.params_hash(night.project / "params.yaml")

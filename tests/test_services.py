@@ -99,6 +99,77 @@ def test_mlflow_service_keeps_artifacts_on_s3(tmp_path: Path) -> None:
         assert not http_ok(f"{url}/health", timeout=1)
 
 
+
+# --- a lean MLflow server ----------------------------------------------------------------------------------------
+
+JOB_PROCESSES = ("mlflow.server.jobs", "huey_consumer")  # MLflow's job runner and its huey consumers
+
+
+def job_processes(pid: int, watch: float = 14.0) -> list[str]:
+    """Command lines of MLflow job processes under `pid`, watched for `watch` seconds: the job runner starts with
+    the server, its huey consumers about 10 s later."""
+    import time
+
+    import psutil
+
+    seen: set[str] = set()
+    deadline = time.monotonic() + watch
+    while time.monotonic() < deadline:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                line = " ".join(child.cmdline())
+            except psutil.Error:
+                continue
+            if any(marker in line for marker in JOB_PROCESSES):
+                seen.add(line)
+        time.sleep(1)
+    return sorted(seen)
+
+
+@pytest.mark.slow
+def test_mlflow_service_runs_without_job_execution(tmp_path: Path) -> None:
+    """`services up` starts MLflow without its job runner and huey consumers (nothing of this project submits MLflow
+    jobs); exporting MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true brings them back, which also shows the check sees them."""
+    for exported, expect_jobs in ((None, False), ("true", True)):
+        env = {} if exported is None else {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": exported}
+        folder = tmp_path / f"jobs-{exported}"
+        folder.mkdir()
+        up = flux2lora_services(folder, "up", "--only", "mlflow", "--mlflow-port", "0", **env)
+        try:
+            assert up.returncode == 0, up.stdout + up.stderr
+            service = services.read_state(folder / ".services")["mlflow"]
+            assert http_ok(f"{service.url}/health")
+            jobs = job_processes(service.pid)
+            assert bool(jobs) == expect_jobs, (exported, jobs)
+        finally:
+            flux2lora_services(folder, "down")
+
+
+@pytest.mark.slow
+def test_readme_mlflow_ui_command_runs_without_job_execution(tmp_path: Path) -> None:
+    """The README's `mlflow ui` command, as written (the venv and $PWD filled in, a free port added): one web worker
+    and no job processes."""
+    import shlex
+
+    import psutil
+
+    from servers import background, free_port
+
+    line = next(li for li in (REPO / "README.md").read_text().splitlines() if "mlflow ui " in li and
+                li.startswith("MLFLOW_"))
+    words = shlex.split(line.replace(".venv/bin/", f"{VENV_BIN}/").replace("$PWD", str(tmp_path)))
+    env = dict(w.split("=", 1) for w in words if "=" in w and not w.startswith("-") and w.split("=")[0].isupper())
+    cmd = [w for w in words if w.split("=")[0] not in env]
+    assert env == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} and cmd[0].endswith("/mlflow"), line
+    url = f"http://{LOOPBACK}:{(port := free_port())}"
+    with background("mlflow ui", [*cmd, "--port", str(port)], cwd=tmp_path, env=project_env(**env),
+                    log=tmp_path / "mlflow.log") as server:
+        server.wait_until(lambda: http_ok(f"{url}/health"), 120, f"{url}/health")
+        assert job_processes(server.proc.pid) == []
+        workers = [c for c in psutil.Process(server.proc.pid).children(recursive=True)
+                   if "multiprocessing.spawn" in " ".join(c.cmdline())]
+        assert len(workers) <= 1, [c.cmdline() for c in workers]
+
 # --- the team setup ---------------------------------------------------------------------------------------------
 
 
@@ -139,6 +210,7 @@ def test_compose_uses_the_settings_of_the_local_services(compose: dict) -> None:
     assert "--backend-store-uri postgresql://" in mlflow_cmd
     assert "--artifacts-destination s3://flux2lora/mlflow" in mlflow_cmd
     assert environment(stack["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert environment(stack["mlflow"])["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # as services up
     assert environment(stack["prefect-server"])["PREFECT_API_DATABASE_CONNECTION_URL"].startswith(
         "postgresql+asyncpg://")
 

@@ -1,6 +1,7 @@
-"""The UIs people use, in a real headless Chromium (Debian's `chromium` package) driven by Playwright: the MLflow UI
-shows the tiny run's loss chart and its validation images; the Prefect UI's run form for `flux2-lora/train` shows
-the flow's parameters, the flavour as a choice.
+"""The UIs people use, in a real headless Chromium (Debian's `chromium` package) driven by Playwright, in a 1440x900
+window: the experiment link we print opens MLflow's runs list, the run page shows its description, the validation
+grid without scrolling, the loss chart and the validation images; the Prefect UI's run form for `flux2-lora/train`
+shows the flow's parameters, the flavour as a choice.
 
 Screenshots are kept in test-artifacts/ (or $TEST_ARTIFACTS_DIR): one per assertion and one of each test's page at
 its end, also when it fails. Without Chromium the module is skipped, unless FLUX2LORA_REQUIRE_BROWSER=1 (CI).
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from flux2lora import tracking
 from helpers import REPO
 from servers import PREFECT, api_get, mlflow_server, prefect_env, prefect_server
 
@@ -28,6 +30,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "test-artifacts"))
 REAL_FLAVOURS = ["klein-4b", "klein-9b", "dev"]
+WINDOW = {"width": 1440, "height": 900}  # a laptop's browser window
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, request):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context = browser.new_context(viewport=WINDOW)
     page = context.new_page()
     page.set_default_timeout(30_000)
     yield page
@@ -80,7 +83,9 @@ def mlflow_ui(trained_project: Path, tmp_path_factory) -> dict:
     with mlflow_server(tmp_path_factory.mktemp("mlflow-ui"), f"sqlite:///{trained_project / 'mlflow.db'}",
                        str(trained_project / "mlartifacts")) as url:
         yield {"url": url, **run,
-               "metrics_page": f"{url}/#/experiments/{run['experiment_id']}/runs/{run['run_id']}/model-metrics"}
+               "experiment_page": tracking.experiment_url(url, run["experiment_id"]),
+               "run_page": tracking.run_url(url, run["experiment_id"], run["run_id"]),
+               "metrics_page": tracking.run_url(url, run["experiment_id"], run["run_id"], "model-metrics")}
 
 
 def chart_card(heading, holding: str):
@@ -89,6 +94,60 @@ def chart_card(heading, holding: str):
 
 
 PLOT, IMAGE = "div[contains(@class, 'js-plotly-plot')]", "img"
+IN_WINDOW = ("el => { const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0 && r.left >= 0 && "
+             "r.top >= 0 && r.right <= window.innerWidth && r.bottom <= window.innerHeight }")
+# nothing opaque over the element's centre (MLflow lays a transparent card container over its image cards)
+ON_TOP = ("el => { const r = el.getBoundingClientRect(); const hits = document.elementsFromPoint(r.x + r.width / 2, "
+          "r.y + r.height / 2); const i = hits.indexOf(el); return i >= 0 && hits.slice(0, i).every(h => "
+          "['rgba(0, 0, 0, 0)', 'transparent'].includes(getComputedStyle(h).backgroundColor)) }")
+
+
+def test_mlflow_experiment_link_opens_the_runs_list(page, mlflow_ui: dict) -> None:
+    """The experiment link we print (workflowType=machine_learning) lands on the runs list, not MLflow 3's GenAI
+    overview; the run's name there opens its page, whose description names flavour, steps and final loss."""
+    page.goto(mlflow_ui["experiment_page"], wait_until="load")
+    run_link = page.get_by_role("link", name=mlflow_ui["run_name"], exact=True).first
+    run_link.wait_for()
+    assert f"/experiments/{mlflow_ui['experiment_id']}/runs" in page.url, page.url
+    assert page.get_by_role("heading", name="Runs", exact=True).first.is_visible()
+    assert page.get_by_text("Traces 0").count() == 0  # the GenAI overview's usage page
+    page.screenshot(path=ARTIFACTS / "mlflow-experiment-runs-list.png")
+    run_link.click()
+    page.wait_for_url(f"**/runs/{mlflow_ui['run_id']}**")
+    description = page.get_by_text("final loss", exact=False).first
+    description.wait_for()
+    assert "tiny-klein-4b" in description.inner_text()
+    page.screenshot(path=ARTIFACTS / "mlflow-run-overview.png")
+
+
+def test_mlflow_run_page_shows_the_validation_grid_without_scrolling(page, mlflow_ui: dict) -> None:
+    """The Model metrics tab, as opened in a 1440x900 window: the validation grid (the first chart: no section of
+    bar charts above it, its card headed by the compact run params) is inside the window, loaded and not covered,
+    before any scrolling; the loss chart, further down, fits the window once scrolled to."""
+    page.goto(mlflow_ui["metrics_page"], wait_until="load")
+    image = page.locator("img[src*='get-artifact'][src*='validation~grid']").first
+    image.wait_for()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
+    # the cards settle (params text, slider) after the image loads: wait for a layout in which it is on top
+    try:
+        page.wait_for_function(f"el => ({IN_WINDOW})(el) && ({ON_TOP})(el)", arg=image.element_handle(),
+                               timeout=20_000)
+    except Exception:
+        where = image.evaluate("el => { const r = el.getBoundingClientRect(); const hs = document.elementsFromPoint("
+                               "r.x + r.width / 2, r.y + r.height / 2); return [r.x, r.y, r.width, r.height, "
+                               "getComputedStyle(el).pointerEvents, getComputedStyle(el).visibility, "
+                               "document.querySelectorAll(\"img[src*='validation~grid']\").length, "
+                               "hs.slice(0, 4).map(h => h.tagName + '.' + h.className + ' ' + getComputedStyle(h).pointerEvents)] }")
+        raise AssertionError(f"the validation grid is not inside the window, on top: {where}") from None
+    assert image.evaluate("img => img.naturalWidth") > 0
+    page.screenshot(path=ARTIFACTS / "mlflow-run-page-window.png")
+
+    title = page.get_by_role("heading", name="loss", exact=True).first
+    line = chart_card(title, PLOT).locator("path.js-line").first
+    scroll_until(page, lambda: title.is_visible() and line.is_visible(), "the loss chart with its line")
+    plot = chart_card(title, PLOT).locator(".js-plotly-plot").first
+    assert plot.evaluate(IN_WINDOW), plot.bounding_box()
+    page.screenshot(path=ARTIFACTS / "mlflow-run-page-loss.png")
 
 
 def test_mlflow_ui_shows_the_loss_chart(page, mlflow_ui: dict) -> None:
@@ -106,7 +165,7 @@ def test_mlflow_ui_shows_the_loss_chart(page, mlflow_ui: dict) -> None:
     traces = card.locator(".js-plotly-plot").first.evaluate(
         "plot => plot.data.map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}))")
     steps = sorted(history, key=lambda m: m["step"])
-    drawn = [t for t in traces if mlflow_ui["run_name"] in t["name"] and t["x"] == [m["step"] for m in steps]]
+    drawn = [t for t in traces if mlflow_ui["run_name"] in (t["name"] or "") and t["x"] == [m["step"] for m in steps]]
     assert drawn, traces
     assert drawn[0]["y"] == pytest.approx([m["value"] for m in steps])
     assert f"{mlflow_ui['run_name']} (loss)" in card.inner_text()

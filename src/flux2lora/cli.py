@@ -9,18 +9,44 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# Plain (click-style) help: a boolean flag reads `--dry-run / --no-dry-run`, where typer's rich panels print each
+# flag with a `<bool>` type as if it took a value.
+HELP_STYLE = dict(rich_markup_mode=None)
+app = typer.Typer(add_completion=False, no_args_is_help=True, **HELP_STYLE,
                   help="LoRA training for FLUX.2 (klein-4b, klein-9b, dev): stages, tiny models, demo data.")
 
 
 _debug = False
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flux2lora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"flux2lora {_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", envvar="FLUX2LORA_DEBUG",
-                                        help="show the traceback behind an error message (also FLUX2LORA_DEBUG=1)")):
+def _options(debug: bool = typer.Option(False, "--debug/--no-debug", envvar="FLUX2LORA_DEBUG",
+                                        help="show the traceback behind an error message (also FLUX2LORA_DEBUG=1)"),
+             version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          expose_value=True, help="print the version and exit")):
     global _debug
     _debug = debug
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def _setup_logging() -> None:
@@ -49,7 +75,7 @@ def _fail(message: str) -> None:
 def stage(name: str = typer.Argument(..., help="params | prepare | encode-text | encode-latents | train | validate | publish"),
           params: Path = typer.Option(Path("params.yaml"), "--params",
                                       help="params file (its folder is the project root)"),
-          as_json: bool = typer.Option(False, "--json", help="the summary as one line of JSON (sorted keys) on stdout; "
+          as_json: bool = typer.Option(False, "--json/--no-json", help="the summary as one line of JSON (sorted keys) on stdout; "
                                                               "without it, indented for reading. Logs and progress "
                                                               "always go to stderr")):
     """Run one pipeline stage (what `dvc repro` calls)."""
@@ -63,6 +89,73 @@ def stage(name: str = typer.Argument(..., help="params | prepare | encode-text |
         _fail(str(e))
     typer.echo(json.dumps(summary, sort_keys=True, default=str) if as_json else
                json.dumps(summary, indent=2, default=str))
+
+
+def _parse_assignment(text: str) -> tuple[str, object]:
+    """`key=value` of --set: the value read as YAML (20, 0.01, true, null, a string), as params.yaml would."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set {text!r}: write it as dotted.key=value, e.g. --set train.max_train_steps=500")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+@app.command("train")
+def train_cmd(params: Path = typer.Option(Path("params.yaml"), "--params",
+                                          help="params file (its folder is the project, with dvc.yaml)"),
+              stop_after: str = typer.Option(None, "--stage", help="stop after this stage (params | prepare | "
+                                             "encode-text | encode-latents | train | validate | publish)"),
+              assignments: list[str] = typer.Option([], "--set", help="dotted.key=value written into params.yaml "
+                                                    "first (validated; repeatable), as the flow's parameters are")):
+    """Run the pipeline from params.yaml as `dvc repro` does: each stage dvc.lock says is out of date runs, in
+    order, and is recorded in dvc.lock; stages up to date are skipped. One line per stage on stderr; the train
+    stage shows its own step / loss / ETA bar."""
+    import os
+    import time
+    from contextlib import chdir
+
+    from .errors import UserError
+    from .params_file import write_overrides
+    from .stages import STAGES, DvcPipeline, run_stage
+
+    _setup_logging()
+    console = _stderr_console()
+    if stop_after is not None and stop_after not in STAGES:
+        _fail(f"--stage {stop_after!r}: stages are {', '.join(STAGES)}")
+    params = params.resolve()
+    root = params.parent
+    if not (root / "dvc.yaml").exists():
+        _fail(f"{root / 'dvc.yaml'} is missing: run `flux2lora train` in a flux2lora project (params.yaml, dvc.yaml)")
+    ran, current = [], []
+    try:
+        overrides = dict(_parse_assignment(a) for a in assignments)
+        if overrides:
+            diff = write_overrides(params, overrides)
+            console.print(f"params.yaml: {', '.join(f'{k}={v!r}' for k, v in overrides.items())}"
+                          + ("" if diff else " (already set)"))
+        with chdir(root), DvcPipeline(root) as dvc:  # DVC resolves its run cache against the working directory
+            for name in STAGES:
+                with console.status(f"{name}: checking dvc.lock"):
+                    up_to_date = dvc.is_current(name)
+                if up_to_date:
+                    current.append(name)
+                    console.print(f"[dim]- {name:15s} up to date[/dim]")
+                else:
+                    started = time.monotonic()
+                    console.print(f"[bold]> {name:15s} running[/bold]")
+                    summary = (_launch_if_distributed(name, params) if name == "train" and
+                               not os.environ.get("WORLD_SIZE") else None) or run_stage(name, params)
+                    dvc.record(name)
+                    ran.append(name)
+                    loss = f", final loss {summary['final_loss']:.4f}" if name == "train" and \
+                        isinstance(summary, dict) and "final_loss" in summary else ""
+                    console.print(f"[green]+ {name:15s} done in {time.monotonic() - started:.1f} s{loss}[/green]")
+                if name == stop_after:
+                    break
+    except (UserError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"ran: {', '.join(ran) or 'nothing'}; up to date: {', '.join(current) or 'nothing'}")
 
 
 def _launch_if_distributed(name: str, params_path: Path) -> dict | None:
@@ -92,14 +185,16 @@ def make_tiny_model_cmd(path: Path = typer.Argument(..., help="folder to write t
                         layout: str = typer.Option("diffusers", help="diffusers: the tiny flavour (4 text layers); "
                                                    "hub: the real repo's layout and depth at tiny width (train it "
                                                    "as the real flavour); mistral-small: dev's text encoder repo"),
-                        distilled: bool = typer.Option(False, help="klein: a step-distilled repo (is_distilled)"),
+                        distilled: bool = typer.Option(False, "--distilled/--no-distilled",
+                                                       help="klein: a step-distilled repo (is_distilled)"),
                         text_encoder_keys: str = typer.Option("legacy", help="dev: legacy | transformers5 key names")):
     """Write a random-weight FLUX.2 pipeline folder built offline, for tests and demos."""
     from .tiny import make_tiny_model
 
     try:
-        out = make_tiny_model(path, flavour=flavour, seed=seed, layout=layout, distilled=distilled,
-                              text_encoder_keys=text_encoder_keys)
+        with _stderr_console().status(f"building the tiny {flavour} pipeline in {path}"):
+            out = make_tiny_model(path, flavour=flavour, seed=seed, layout=layout, distilled=distilled,
+                                  text_encoder_keys=text_encoder_keys)
     except ValueError as e:
         _fail(str(e))
     typer.echo(f"tiny {flavour} pipeline ({layout} layout) written to {out}")
@@ -107,11 +202,15 @@ def make_tiny_model_cmd(path: Path = typer.Argument(..., help="folder to write t
 
 @app.command("demo-data")
 def demo_data(folder: Path = typer.Argument(Path("data/demo")), count: int = 8, size: int = 96, seed: int = 0,
-              prompt_library: Path = typer.Option(Path("user_prompt_library.json"))):
-    """Write a small generated image/caption dataset and a validation prompt library."""
+              prompt_library: Path = typer.Option(None, "--prompt-library",
+                                                  help="where the validation prompt library goes (default: "
+                                                       "FOLDER/user_prompt_library.json)")):
+    """Write a small generated image/caption dataset and a validation prompt library, both into FOLDER."""
     from .demo import make_demo_dataset, write_prompt_library
 
+    prompt_library = prompt_library or folder / "user_prompt_library.json"
     make_demo_dataset(folder, count=count, size=size, seed=seed)
+    prompt_library.parent.mkdir(parents=True, exist_ok=True)
     write_prompt_library(prompt_library)
     typer.echo(f"{count} images with captions in {folder}; prompts in {prompt_library}")
 
@@ -136,12 +235,41 @@ def check_params(params: Path = typer.Option(Path("params.yaml"), "--params")):
     typer.echo(f"{params}: ok")
 
 
+class _GenerateProgress:
+    """Rich progress bars on stderr for `generate`: the phase before denoising, the denoising steps of the current
+    image, and the images."""
+
+    def __init__(self, progress, images: int, steps: int):
+        self.progress = progress
+        self.images_task = progress.add_task("images", total=images)
+        self.steps_task = progress.add_task("preparing", total=steps)
+
+    def phase(self, description: str) -> None:
+        self.progress.update(self.steps_task, description=description)
+
+    def step(self, image: int, step: int, total_steps: int) -> None:
+        self.progress.update(self.steps_task, description=f"image {image + 1}: denoising", completed=step,
+                             total=total_steps)
+
+    def image_done(self, image: int, total_images: int) -> None:
+        self.progress.update(self.images_task, completed=image + 1)
+        if image + 1 < total_images:
+            self.progress.reset(self.steps_task, description=f"image {image + 2}: denoising")
+
+
+def _image_paths(out: Path, count: int) -> list[Path]:
+    """`out` for one image; out's stem with -0, -1, ... for several."""
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
 @app.command("generate")
 def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffusers or BFL format)"),
                  prompt: str = typer.Option(..., "--prompt"),
                  scale: float = typer.Option(1.0, "--scale", help="LoRA strength"),
-                 seed: int = typer.Option(0, "--seed"),
-                 out: Path = typer.Option(Path("generated.png"), "--out", help="image file to write"),
+                 seed: int = typer.Option(0, "--seed", help="seed of the first image; image i uses seed + i"),
+                 images: int = typer.Option(1, "--images", min=1, help="how many images (one seed each)"),
+                 out: Path = typer.Option(Path("generated.png"), "--out",
+                                          help="image file to write (several images: NAME-0.png, NAME-1.png, ...)"),
                  width: int = typer.Option(1024, "--width"), height: int = typer.Option(1024, "--height"),
                  steps: int = typer.Option(50, "--steps", help="inference steps"),
                  guidance: float = typer.Option(4.0, "--guidance", help="dev: distilled guidance; klein: CFG scale"),
@@ -150,20 +278,30 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
                  flavour: str = typer.Option(None, "--flavour", help="klein-4b | klein-9b | dev (default: metadata)"),
                  device: str = typer.Option("auto", "--device"),
                  dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU)")):
-    """Generate one image with a LoRA, to try a result on any flavour."""
+    """Generate images with a LoRA, to try a result on any flavour; progress bars (phase, denoising steps,
+    images) go to stderr."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
     from .errors import UserError
-    from .generate import generate
+    from .generate import generate_images
 
     _setup_logging()
+    paths = _image_paths(out, images)
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
     try:
-        image = generate(prompt, lora, scale=scale, seed=seed, width=width, height=height,
-                         num_inference_steps=steps, guidance=guidance, negative_prompt=negative_prompt,
-                         model_path=model, flavour=flavour, device=device, dtype=dtype)
+        with Progress(*columns, console=_stderr_console()) as bars:
+            results = generate_images(prompt, lora, seeds=[seed + i for i in range(images)], scale=scale,
+                                      width=width, height=height, num_inference_steps=steps, guidance=guidance,
+                                      negative_prompt=negative_prompt, model_path=model, flavour=flavour,
+                                      device=device, dtype=dtype, progress=_GenerateProgress(bars, images, steps))
     except (UserError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    typer.echo(f"image written to {out}")
+    for image, path in zip(results, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        typer.echo(f"image written to {path}")
 
 
 @app.command("export")
@@ -212,7 +350,7 @@ def promote_cmd(ref: str = typer.Argument(..., help="MLflow run id, or a version
                f"was {result['previous'] or 'unset'})")
 
 
-services_app = typer.Typer(no_args_is_help=True, help="Local Prefect server, process worker and MLflow server on "
+services_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="Local Prefect server, process worker and MLflow server on "
                            "loopback (pids, ports and logs under .services/).")
 app.add_typer(services_app, name="services")
 
@@ -236,7 +374,8 @@ def services_up(prefect_port: int = typer.Option(4200, "--prefect-port", help="0
                                mlflow_artifacts=mlflow_artifacts, s3_endpoint_url=s3_endpoint_url,
                                only=tuple(only), timeout=timeout)
     try:
-        services = up(Path.cwd(), settings, folder)
+        with _stderr_console().status(f"starting {', '.join(only)} and waiting for their health checks"):
+            services = up(Path.cwd(), settings, folder)
     except ServicesError as e:
         _fail(str(e))
     for service in services.values():
@@ -281,7 +420,7 @@ def plan(params: Path = typer.Option(Path("params.yaml"), "--params"),
          host_bandwidth: float = typer.Option(None, "--host-bandwidth",
                                               help="host -> GPU copy speed in GB/s for offload (default 25: PCIe "
                                                    "4.0 x16; ~50 on PCIe 5.0)"),
-         as_json: bool = typer.Option(False, "--json", help="the report as JSON, for machines")):
+         as_json: bool = typer.Option(False, "--json/--no-json", help="the report as JSON, for machines")):
     """Predict GPU memory, host RAM and speed of the configured run's GPU stages (encode-text, encode-latents,
     train); with --vram, propose the fastest settings of each that fit, headroom included (calibrated on H100
     measurements of the plain diffusers + peft recipe)."""
@@ -310,8 +449,8 @@ def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed tra
                                                                     "config.toml, multidatabackend.json, "
                                                                     "user_prompt_library.json"),
                            params: Path = typer.Option(Path("params.yaml"), "--params"),
-                           dry_run: bool = typer.Option(False, "--dry-run", help="report only; write nothing"),
-                           as_json: bool = typer.Option(False, "--json", help="the report as JSON")):
+                           dry_run: bool = typer.Option(False, "--dry-run/--no-dry-run", help="report only; write nothing"),
+                           as_json: bool = typer.Option(False, "--json/--no-json", help="the report as JSON")):
     """Write a SimpleTuner configuration into params.yaml, so that it trains the run SimpleTuner would; list every key
     as mapped (with SimpleTuner's meaning), defaulted (with the value), refused or without effect (with the reason)."""
     from .config import ParamsError
@@ -339,7 +478,7 @@ def import_simpletuner_cmd(folder: Path = typer.Argument(..., help="the seed tra
     typer.echo("dry run: nothing written" if dry_run else f"written: {', '.join(report.files_written)}")
 
 
-lora_app = typer.Typer(no_args_is_help=True, help="Adapter files: what they hold and where they load.")
+lora_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="Adapter files: what they hold and where they load.")
 app.add_typer(lora_app, name="lora")
 
 
@@ -347,7 +486,7 @@ app.add_typer(lora_app, name="lora")
 def lora_inspect_cmd(file: Path = typer.Argument(..., help="an adapter file (.safetensors) in any trainer's layout"),
                      flavour: str = typer.Option(None, "--flavour", help="klein-4b | klein-9b | dev (default: the "
                                                  "file's metadata, else the flavour its modules fit)"),
-                     as_json: bool = typer.Option(False, "--json", help="the report as JSON")):
+                     as_json: bool = typer.Option(False, "--json/--no-json", help="the report as JSON")):
     """Name a FLUX.2 adapter file's layout (diffusers, BFL/ComfyUI, kohya, LyCORIS, ...) and kind (lora, dora,
     lokr, loha), its rank and alpha per module, the modules it touches and the keys that match no module of the
     flavour. Exit code 1 when some key matches no module (or has the wrong shape)."""
@@ -386,15 +525,15 @@ def _print_inspect_report(report) -> None:
         console.print(f"[yellow]wrong shape for {report.flavour}:[/yellow] {line}")
 
 
-cache_app = typer.Typer(no_args_is_help=True, help="The latent and text-embedding caches.")
+cache_app = typer.Typer(no_args_is_help=True, **HELP_STYLE, help="The latent and text-embedding caches.")
 app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
 def cache_info_cmd(params: Path = typer.Option(Path("params.yaml"), "--params"),
-                   verify: bool = typer.Option(False, "--verify", help="read every tensor and check its checksum; "
+                   verify: bool = typer.Option(False, "--verify/--no-verify", help="read every tensor and check its checksum; "
                                                                        "damaged shards are re-encoded next run"),
-                   as_json: bool = typer.Option(False, "--json")):
+                   as_json: bool = typer.Option(False, "--json/--no-json")):
     """Entries, shards and bytes per cache store, and how many entries the current index uses."""
     from .cache.info import cache_info, human_bytes
     from .config import ParamsError, load_params, project_root
@@ -413,6 +552,38 @@ def cache_info_cmd(params: Path = typer.Option(Path("params.yaml"), "--params"),
         typer.echo(f"{name:<12} {row['entries']:>8} {row['shards']:>7} {human_bytes(row['bytes']):>11} "
                    f"{row['indexed']:>8} {row['not_indexed']:>7} {len(row['damaged']):>8}  {dtypes}")
 
+
+
+@cache_app.command("prune")
+def cache_prune_cmd(params: Path = typer.Option(Path("params.yaml"), "--params"),
+                    dry_run: bool = typer.Option(False, "--dry-run/--no-dry-run",
+                                                 help="report what would be removed; remove nothing"),
+                    as_json: bool = typer.Option(False, "--json/--no-json")):
+    """Remove the cache entries that no store's index.json uses (older datasets, captions, prompts or settings),
+    with the bytes they hold; stages up to date before stay up to date in dvc.lock."""
+    from .cache.info import human_bytes, prune_unused
+    from .config import ParamsError, load_params, project_root
+
+    try:
+        with _stderr_console().status("pruning the caches"):
+            result = prune_unused(load_params(params), project_root(params), dry_run=dry_run)
+    except ParamsError as e:
+        _fail(str(e))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for name, row in result["stores"].items():
+        if "skipped" in row:
+            typer.echo(f"{name:<14} skipped: {row['skipped']}")
+        else:
+            typer.echo(f"{name:<14} {verb} {row['entries']} entries, {human_bytes(row['bytes'])}")
+    total = sum(row["entries"] for row in result["stores"].values())
+    freed = sum(row["bytes"] for row in result["stores"].values())
+    typer.echo(f"{'total':<14} {verb} {total} entries, {human_bytes(freed)}"
+               + (" (dry run: nothing removed)" if dry_run else ""))
+    if result["recorded_stages"]:
+        typer.echo(f"dvc.lock: {', '.join(result['recorded_stages'])} recorded again (still up to date)")
 
 def main() -> None:  # pragma: no cover
     app()

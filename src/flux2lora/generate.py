@@ -9,7 +9,8 @@ It fits the GPU the model card sends users to: the prompt is encoded first with 
 checked before any weight, dev without torchvision, the encoder cut after its deepest stacked layer and freed
 before the pipeline loads), then the pipeline without its text encoder is placed where it fits
 (`models.place_pipeline`: on the device, model CPU offload, or group offload). One log line says model, flavour,
-device, dtype and LoRA scale; a progress bar follows the denoising steps.
+device, dtype and LoRA scale; a progress bar follows the denoising steps (diffusers' own), or, given a
+`progress` callback, that callback is told each phase, each denoising step and each finished image instead.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 from PIL import Image
@@ -87,20 +89,40 @@ def encode_prompts(model: ModelParams, prompts: list[str], device: torch.device,
     return embeds
 
 
-def generate(prompt: str, lora: Path | None = None, *, scale: float = 1.0, seed: int = 0, width: int = 1024,
+class GenerationProgress(Protocol):
+    """What `generate_images` reports while it works (the CLI draws it as progress bars)."""
+
+    def phase(self, description: str) -> None:
+        """A step before denoising starts: encoding the prompt, loading the pipeline."""
+
+    def step(self, image: int, step: int, total_steps: int) -> None:
+        """Denoising step `step` (1-based) of `total_steps` of image `image` (0-based) finished."""
+
+    def image_done(self, image: int, total_images: int) -> None:
+        """Image `image` (0-based) of `total_images` decoded."""
+
+
+def generate(prompt: str, lora: Path | None = None, *, seed: int = 0, **kwargs) -> Image.Image:
+    """One image for `prompt` with the LoRA (see `generate_images` for the arguments)."""
+    return generate_images(prompt, lora, seeds=[seed], **kwargs)[0]
+
+
+def generate_images(prompt: str, lora: Path | None = None, *, seeds: list[int] = (0,), scale: float = 1.0, seed: int = 0, width: int = 1024,
              height: int = 1024, num_inference_steps: int = 50, guidance: float = 4.0, negative_prompt: str = "",
              model_path: str | None = None, flavour: str | None = None, revision: str | None = None,
              device: str = "auto", dtype: str | None = None, text_encoder_path: str | None = None,
              text_encoder_subfolder: str | None = None, gpu_memory_bytes: int | None = None,
-             placement: str | None = None) -> Image.Image:
-    """One image for `prompt` with the LoRA at strength `scale` (lora=None: the base model alone).
+             placement: str | None = None, progress: GenerationProgress | None = None) -> list[Image.Image]:
+    """One image per seed for `prompt` with the LoRA at strength `scale` (lora=None: the base model alone); the
+    prompt is encoded and the pipeline loaded once for all of them.
 
     `guidance`: dev's distilled guidance; klein base's true CFG scale (against `negative_prompt`, default the empty
     prompt, as the pipeline does). The seed fixes the initial noise (a CPU generator: the same image on every device).
     `dtype`: "bf16" | "fp16" | "fp32"; default bf16 on GPUs, fp32 on CPUs. text_encoder_path / _subfolder: dev's
     encoder from another repo (e.g. mistralai/Mistral-Small-3.1-24B-Instruct-2503). gpu_memory_bytes: the GPU's
     size for placement decisions (default: the device's; a test can claim a small GPU). placement: force
-    "device" | "model_cpu_offload" | "group_offload" (default: what fits).
+    "device" | "model_cpu_offload" | "group_offload" (default: what fits). progress: told each phase, denoising
+    step and finished image (diffusers' own progress bar is then off).
     """
     base = base_model_of(lora, model_path, flavour, revision)
     if negative_prompt and not base.flavour.is_klein:
@@ -116,8 +138,12 @@ def generate(prompt: str, lora: Path | None = None, *, scale: float = 1.0, seed:
                         pretrained_text_encoder_name_or_path=text_encoder_path,
                         text_encoder_subfolder=text_encoder_subfolder)
     prompts = [prompt, negative_prompt] if base.flavour.is_klein else [prompt]
+    if progress is not None:
+        progress.phase("encoding the prompt")
     embeds = encode_prompts(model, prompts, target, gpu_bytes)
 
+    if progress is not None:
+        progress.phase("loading the pipeline")
     pipe = load_generation_pipeline(model)
     if lora is not None:
         lora = Path(lora)
@@ -125,10 +151,27 @@ def generate(prompt: str, lora: Path | None = None, *, scale: float = 1.0, seed:
         pipe.set_adapters(["lora"], adapter_weights=[scale])
         pipe.transformer.eval()  # peft adds the adapter's layers (and their dropout) in train mode
     place_pipeline(pipe, target, gpu_bytes, placement)
-    pipe.set_progress_bar_config(desc=f"generate {width}x{height}")
-    kwargs = dict(width=width, height=height, num_inference_steps=num_inference_steps, guidance_scale=guidance,
-                  generator=torch.Generator("cpu").manual_seed(seed), prompt_embeds=embeds[0].to(torch_dtype))
-    if base.flavour.is_klein:
-        kwargs["negative_prompt_embeds"] = embeds[1].to(torch_dtype)
-    with torch.inference_mode():
-        return pipe(**kwargs).images[0]
+    pipe.set_progress_bar_config(desc=f"generate {width}x{height}", disable=progress is not None)
+    images = []
+    for index, seed in enumerate(seeds):
+        kwargs = dict(width=width, height=height, num_inference_steps=num_inference_steps, guidance_scale=guidance,
+                      generator=torch.Generator("cpu").manual_seed(seed), prompt_embeds=embeds[0].to(torch_dtype))
+        if base.flavour.is_klein:
+            kwargs["negative_prompt_embeds"] = embeds[1].to(torch_dtype)
+        if progress is not None:
+            kwargs["callback_on_step_end"] = _step_callback(progress, index, num_inference_steps)
+        with torch.inference_mode():
+            images.append(pipe(**kwargs).images[0])
+        if progress is not None:
+            progress.image_done(index, len(seeds))
+    return images
+
+
+def _step_callback(progress: GenerationProgress, image: int, total_steps: int) -> Callable:
+    """diffusers' callback_on_step_end: called after each denoising step with the step's index; returns the
+    tensors it may replace (none)."""
+    def on_step_end(pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        progress.step(image, step + 1, total_steps)
+        return {}
+
+    return on_step_end

@@ -98,7 +98,13 @@ def last_successful_run(params: Params, root: Path):
 
 def _changed_keys(run, params_path: Path) -> list[str]:
     """Best effort: the compared keys whose value differs from the params train logged on `run`."""
-    logged, flat = run.data.params, load_params(params_path).flat()
+    from mlflow.tracking import MlflowClient
+
+    from .tracking import logged_params, tracking_uri
+
+    params = load_params(params_path)
+    logged = logged_params(MlflowClient(tracking_uri=tracking_uri(params, params_path.parent)), run)
+    flat = params.flat()
     return sorted(key for key, value in flat.items() if params_table.kind_of(key) != params_table.RUNS
                   and key in logged and logged[key] != ("" if value is None else str(value)))
 

@@ -47,6 +47,12 @@ ORDER = (MLFLOW, PREFECT_SERVER, WORKER)
 GROUPS = {"prefect": (PREFECT_SERVER, WORKER), "mlflow": (MLFLOW,)}
 
 
+# MLflow 3's server starts a job runner and huey consumers (GenAI judges, trace rollups, scheduled jobs) beside its
+# web workers unless told not to; a tracking server for training runs uses none of them, and they are most of its
+# processes and memory (bench/services_mlflow.py; bench/RESULTS.md). A value the user exported is kept.
+MLFLOW_LEAN_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class ServicesError(RuntimeError):
     """A service did not start, is not healthy, or a port is taken; the message says which and shows its log."""
 
@@ -303,7 +309,7 @@ def _start_mlflow(root: Path, folder: Path, settings: ServiceSettings, env: dict
     url = f"http://{settings.host}:{port}"
     backend = settings.mlflow_backend_store_uri or f"sqlite:///{root / 'mlflow.db'}"
     artifacts = settings.mlflow_artifacts or str(root / "mlartifacts")
-    env = dict(env)
+    env = {**MLFLOW_LEAN_ENV, **env}
     if settings.s3_endpoint_url:
         env["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
     cmd = [_program("mlflow"), "server", "--host", settings.host, "--port", str(port),

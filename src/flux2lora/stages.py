@@ -47,9 +47,12 @@ def _encode_latents(params: Params, root: Path) -> dict:
 
 
 def _train(params: Params, root: Path) -> dict:
+    from .tracking import describe_training_run
     from .train.recipe import train
 
-    return train(params, root)
+    summary = train(params, root)
+    describe_training_run(params, root, summary)  # the run page's description, code version and Prefect links
+    return summary
 
 
 def _validate(params: Params, root: Path) -> dict:

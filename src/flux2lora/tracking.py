@@ -26,6 +26,24 @@ log = logging.getLogger(__name__)
 ASYNC_BUFFERING_ENV = "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS"
 ASYNC_BUFFERING_S = "1"
 
+# MLflow 3 shows an experiment as "GenAI apps & agents" (its overview and traces pages) or "Machine learning" (the
+# runs list). The experiment tag is what MLflow clients and UIs that honour it read; the 3.17 UI decides by its
+# workflow-type switch instead (the `workflowType` URL parameter, else the browser's last choice, GenAI by default),
+# so every link we print or store carries `workflowType=machine_learning` too (`run_url`, `experiment_url`).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+WORKFLOW_QUERY = "workflowType=machine_learning"
+
+# The params a person compares LoRA runs by, logged as the run's MLflow params. MLflow's image cards (the
+# validation grid in the run's Model metrics tab) print every run param above the image as `key=value, ...`
+# (mlflow/server/js: the image grid's run-name header, "Show run parameters" on by default): with all ~120 resolved
+# params the image was pushed out of its card. The full resolved params are the artifact PARAMS_ARTIFACT.
+# Five: in a 1440 px wide window (3 cards a row) they take 4 lines, which leaves the validation grid its whole height
+# in the card (9 params took 7 lines and clipped the grid's lower half; tests/test_ui.py checks it).
+RUN_CARD_PARAMS = ("model.model_flavour", "prepare.instance_data_dir", "train.max_train_steps", "train.learning_rate",
+                   "train.lora_rank")
+PARAMS_ARTIFACT = "params/params.json"
+PARAMS_DIFF_ARTIFACT = "params/params.yaml.diff"
+
 
 def tracking_uri(params: Params, root: Path) -> str:
     return params.tracking.tracking_uri or default_tracking_uri(root)
@@ -46,7 +64,8 @@ def configure(params: Params, root: Path):
     else:
         os.environ["MLFLOW_TRACKING_URI"] = user_value
     name = params.tracking.experiment_name
-    if mlflow.get_experiment_by_name(name) is None:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
         # A local sqlite store keeps artifacts beside it; a server decides its own artifact root.
         location = (root / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         try:
@@ -56,9 +75,22 @@ def configure(params: Params, root: Path):
                 raise
     elif uri == f"sqlite:///{root / 'mlflow.db'}":  # the project's own store only, never a user's sqlite URI
         follow_moved_project(root / "mlflow.db", (root / "mlartifacts").as_uri())
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     os.environ.setdefault(ASYNC_BUFFERING_ENV, ASYNC_BUFFERING_S)
     return mlflow
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs list on an MLflow server (http://host:port)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{WORKFLOW_QUERY}"
+
+
+def run_url(server: str, experiment_id: str, run_id: str, tab: str | None = None) -> str:
+    """A run's page on an MLflow server; tab: "model-metrics", "artifacts", ... (default: its overview)."""
+    return (f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+            + f"?{WORKFLOW_QUERY}")
 
 
 def follow_moved_project(db: Path, artifacts_uri: str) -> int:
@@ -89,16 +121,41 @@ def follow_moved_project(db: Path, artifacts_uri: str) -> int:
     return len(moved)
 
 
+def _pipeline_files(root: Path) -> list[str]:
+    """The tracked files the pipeline itself writes from params.yaml (relative to root): params.yaml (a flow run's
+    parameters, `flux2lora train --set`), dvc.lock and the params stage's per-stage files. Their changes are the
+    run's params (recorded by `params_yaml_diff`), not a change of the code."""
+    from .config import read_raw_params
+
+    try:
+        output_dir = (read_raw_params(root / "params.yaml") or {}).get("output_dir") or "outputs"
+    except Exception:  # an unreadable params.yaml fails the stage elsewhere, with its own message
+        output_dir = "outputs"
+    return ["params.yaml", "dvc.lock", f"{str(output_dir).rstrip('/')}/params"]
+
+
 def git_commit(root: Path) -> str:
-    """HEAD's sha, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    """HEAD's sha, with "-dirty" when tracked files other than the pipeline's own (params.yaml, dvc.lock, the
+    params stage's files) differ from it; "unknown" outside git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
+        excluded = [f":(exclude){path}" for path in _pipeline_files(root)]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=root, capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown"
+
+
+def params_yaml_diff(root: Path) -> str:
+    """`git diff HEAD -- params.yaml`: how the params this run trained with differ from the commit's ("" when they
+    do not, or outside git)."""
+    try:
+        return subprocess.run(["git", "diff", "--no-color", "HEAD", "--", "params.yaml"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return ""
 
 
 def _load_yaml(path: Path):
@@ -136,7 +193,87 @@ def write_run_file(run_file: Path, run) -> None:
 
 
 def log_params_flat(mlflow, params: Params) -> None:
+    """Log the run's params into the active run: RUN_CARD_PARAMS as MLflow params (dotted keys), and every resolved
+    param, flat and sorted, as the JSON artifact PARAMS_ARTIFACT (what `nightly` compares against)."""
+    import tempfile
+
     flat = {k: ("" if v is None else v) for k, v in params.flat().items()}
-    items = list(flat.items())
-    for start in range(0, len(items), 90):  # MLflow accepts at most 100 params per batch
-        mlflow.log_params(dict(items[start:start + 90]))
+    mlflow.log_params({key: flat[key] for key in RUN_CARD_PARAMS if key in flat})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(PARAMS_ARTIFACT).name
+        path.write_text(json.dumps(flat, indent=2, sort_keys=True, default=str) + "\n")
+        mlflow.log_artifact(str(path), artifact_path=str(Path(PARAMS_ARTIFACT).parent))
+
+
+def logged_params(client, run) -> dict[str, str]:
+    """Every resolved param a training run logged, as strings: the PARAMS_ARTIFACT JSON, else (runs logged before
+    it existed) the run's MLflow params."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(run.info.run_id, PARAMS_ARTIFACT, tmp)
+            return {k: "" if v is None else str(v) for k, v in json.loads(Path(path).read_text()).items()}
+    except Exception:
+        return dict(run.data.params)
+
+
+def _prefect_flow_run() -> dict[str, str]:
+    """Name, id and UI URL of the Prefect flow run this process runs in; {} outside one."""
+    try:
+        from prefect.runtime import flow_run
+    except ImportError:
+        return {}
+    try:
+        run_id = flow_run.id
+        if not run_id:
+            return {}
+        return {"prefect.flow_run.name": flow_run.name or "", "prefect.flow_run.id": str(run_id),
+                "prefect.flow_run.url": flow_run.ui_url or ""}
+    except Exception:  # no API to ask (a flow run's context without its server): nothing to link
+        return {}
+
+
+def run_description(params: Params, root: Path, steps: int, final_loss: float, dataset_hash: str) -> str:
+    """The MLflow run's description (markdown, the run page's top): flavour, base model, dataset, steps, loss."""
+    model = params.model
+    lines = [f"LoRA for **{model.model_flavour}** (`{model.model_id}`), rank {params.train.lora_rank}, trained "
+             f"{steps} steps at learning rate {params.train.learning_rate:g} on `{params.prepare.instance_data_dir}` "
+             f"(DVC `{dataset_hash}`): final loss **{final_loss:.4f}**.",
+             "",
+             f"Loss and validation images: the Model metrics tab. All resolved params: artifact `{PARAMS_ARTIFACT}`."]
+    return "\n".join(lines)
+
+
+def describe_training_run(params: Params, root: Path, summary: dict) -> None:
+    """After the train stage, on the run page: the description (mlflow.note.content), the code's git commit
+    (`mlflow.source.git.commit`, and `git_commit` without `-dirty` from params.yaml), params.yaml's changes against
+    that commit (tag `params_yaml_changed`, artifact PARAMS_DIFF_ARTIFACT), the entry point (`mlflow.source.name`)
+    and, inside a Prefect flow run, its name, id and URL (`prefect.flow_run.*`). Only the process that logs (its
+    summary has the run id) does it."""
+    run_id = summary.get("mlflow_run_id")
+    if not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(params, root))
+    commit = git_commit(root)
+    diff = params_yaml_diff(root)
+    tags = {"mlflow.note.content": run_description(params, root, int(summary["steps"]), float(summary["final_loss"]),
+                                                   dataset_dvc_hash(root, params.prepare.data_root)),
+            "mlflow.source.name": "flux2lora stage train", "git_commit": commit,
+            "params_yaml_changed": "true" if diff else "false", **_prefect_flow_run()}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    if diff:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(PARAMS_DIFF_ARTIFACT).name
+            path.write_text(diff)
+            client.log_artifact(run_id, str(path), artifact_path=str(Path(PARAMS_DIFF_ARTIFACT).parent))
+    uri = tracking_uri(params, root)
+    if uri.startswith(("http://", "https://")):
+        log.info("MLflow run: %s", run_url(uri, client.get_run(run_id).info.experiment_id, run_id, "model-metrics"))

@@ -255,9 +255,11 @@ class TensorStore:
         entry = self._load().get(key)
         return self.shards_dir / entry.shard if entry else None
 
-    def prune(self, keep: set[str]) -> int:
+    def prune(self, keep: set[str], compact_all: bool = False) -> int:
         """Forget entries not in `keep` (the store mirrors the current dataset). Shards left with no live entry are
-        deleted; shards less than half live are compacted. Returns how many entries were dropped."""
+        deleted; shards less than half live are compacted (compact_all=True: every shard holding an entry not in
+        `keep`, so none of their bytes stay on disk, as `flux2lora cache prune` wants). Returns how many entries were
+        dropped."""
         self.flush()
         catalog = self._load()
         stale = set(catalog) - keep
@@ -266,7 +268,7 @@ class TensorStore:
             if len(live) == len(keys):
                 continue
             path = self.shards_dir / shard
-            if live and len(live) * 2 >= len(keys):
+            if live and len(live) * 2 >= len(keys) and not compact_all:
                 continue  # mostly live: rewriting it would cost more than the space it frees
             for key in sorted(live):
                 self._pending[key] = self.get(key)

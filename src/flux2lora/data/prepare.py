@@ -280,13 +280,17 @@ def build_report(data_root: str, datasets: list[Dataset], counted: Counter, imag
 
 
 def log_prepare_report(mlflow, layout) -> None:
-    """Log the prepare report to the active MLflow run: counts as metrics (`prepare/accepted`,
-    `prepare/skipped/<reason>`) and report.json as an artifact under `prepare/`."""
+    """Log the prepare report to the active MLflow run: counts as tags (`prepare.accepted`,
+    `prepare.skipped.<reason>`) and report.json as an artifact under `prepare/`.
+
+    Tags, not metrics: a count has no steps, and every metric becomes a chart on the run's Model metrics tab, whose
+    sections MLflow sorts by name, so a `prepare/` section of bar charts would come before the validation images
+    and the loss chart."""
     if not layout.prepare_report.exists():
         return
     report = json.loads(layout.prepare_report.read_text())
-    metrics = {"prepare/candidates": report["candidates"], "prepare/accepted": report["accepted"],
-               "prepare/skipped": report["skipped"]}
-    metrics.update({f"prepare/skipped/{reason}": n for reason, n in report["skipped_by_reason"].items()})
-    mlflow.log_metrics(metrics)
+    counts = {"prepare.candidates": report["candidates"], "prepare.accepted": report["accepted"],
+              "prepare.skipped": report["skipped"]}
+    counts.update({f"prepare.skipped.{reason}": n for reason, n in report["skipped_by_reason"].items()})
+    mlflow.set_tags({key: str(n) for key, n in counts.items()})
     mlflow.log_artifact(str(layout.prepare_report), artifact_path="prepare")

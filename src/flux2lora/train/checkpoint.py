@@ -53,6 +53,7 @@ def save_checkpoint(folder: Path, step: int, lora: dict[str, torch.Tensor], trai
     os.replace(tmp, final)
     if keep:
         for old in [c for c in list_checkpoints(folder) if c.step != protect][:-keep]:
+            log.info("removing checkpoint %s: only the newest %d are kept", old.path.name, keep)
             shutil.rmtree(old.path, ignore_errors=True)
     return final
 
@@ -77,7 +78,7 @@ def latest_matching(folder: Path, fingerprint: str) -> Checkpoint | None:
     checkpoints = list_checkpoints(folder)
     stale = [c for c in checkpoints if c.state.get("fingerprint") != fingerprint]
     for c in stale:
-        log.warning("removing checkpoint %s: it belongs to a run with other data or params", c.path.name)
+        log.info("removing checkpoint %s: it belongs to a run with other data or params", c.path.name)
         shutil.rmtree(c.path, ignore_errors=True)
     for tmp in folder.glob(f".tmp-{PREFIX}*") if folder.exists() else []:
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
