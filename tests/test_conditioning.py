@@ -94,8 +94,10 @@ def _guidance_seen_by_the_embedder(monkeypatch) -> list[torch.Tensor]:
 def _encoded_project(tmp_path, flavour, **params):
     from helpers import make_project
 
+    # the evaluation loss off: these tests record every transformer call, and its fixed-noise forwards are not training
     root = make_project(tmp_path / "p", flavour=flavour, git=False, images=4,
-                        **{"train.max_train_steps": 3, "train.train_batch_size": 2, **params})
+                        **{"train.max_train_steps": 3, "train.train_batch_size": 2,
+                           "validate.eval_every_n_steps": 0, **params})
     for stage in ("prepare", "encode-text", "encode-latents"):
         run_stage(stage, root / "params.yaml")
     return root
