@@ -53,7 +53,7 @@ def browser():
 def page(browser, request):
     context = browser.new_context(viewport=WINDOW)
     page = context.new_page()
-    page.set_default_timeout(30_000)
+    page.set_default_timeout(60_000)
     yield page
     try:
         page.screenshot(path=ARTIFACTS / f"{request.node.name}.png")
@@ -131,7 +131,7 @@ def test_mlflow_run_page_shows_the_validation_grid_without_scrolling(page, mlflo
     # the cards settle (params text, slider) after the image loads: wait for a layout in which it is on top
     try:
         page.wait_for_function(f"el => ({IN_WINDOW})(el) && ({ON_TOP})(el)", arg=image.element_handle(),
-                               timeout=20_000)
+                               timeout=60_000)  # a loaded machine (xdist workers beside it) settles slowly
     except Exception:
         where = image.evaluate("el => { const r = el.getBoundingClientRect(); const hs = document.elementsFromPoint("
                                "r.x + r.width / 2, r.y + r.height / 2); return [r.x, r.y, r.width, r.height, "
