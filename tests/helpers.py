@@ -72,3 +72,12 @@ def make_project(root: Path, flavour: str = "klein-4b", images: int = 8, git: bo
         run(["git", "add", "-A"], root)
         run(["git", "commit", "-qm", "project"], root)
     return root
+
+
+def copy_project(encoded: Path, folder: Path, **params) -> Path:
+    """A copy of an encoded project (caches included, MLflow store left out) under `folder`, with params set."""
+    root = folder / "project"
+    shutil.copytree(encoded, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    if params:
+        set_params(root, **params)
+    return root

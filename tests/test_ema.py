@@ -4,12 +4,11 @@ trained weights the checkpoints hold, and a killed-and-resumed run ends bitwise 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_project, set_params
+from helpers import copy_project, make_project
 from safetensors.torch import load_file
 
 from flux2lora.layout import layout_for
@@ -33,12 +32,7 @@ def encoded(tmp_path_factory) -> Path:
     return root
 
 
-def _copy(encoded: Path, folder: Path, **params) -> Path:
-    root = folder / "project"
-    shutil.copytree(encoded, root, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    if params:
-        set_params(root, **params)
-    return root
+_copy = copy_project
 
 
 @pytest.fixture(scope="module")
