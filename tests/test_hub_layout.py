@@ -387,3 +387,14 @@ def test_dev_stages_run_on_the_hub_layout_without_torchvision(hub, tmp_path):
     index = json.loads((layout.text_embeds_dir / "index.json").read_text())
     assert "Mistral-Small-3.1-24B-Instruct-2503" not in index["encoder"]  # relocatable: a hash, not the path
     assert (layout.validation_dir / "grid.png").is_file() and layout.lora_file.is_file()
+
+    # `flux2lora generate` takes the text encoder the LoRA was trained with from its metadata: the base repo's own
+    # text_encoder/ (a user who downloaded dev without it) is not needed
+    from flux2lora.generate import generate_images
+    from flux2lora.train.lora import read_lora_metadata
+
+    meta = read_lora_metadata(layout.lora_file)
+    assert meta["flux2lora.text_encoder"] == "models/Mistral-Small-3.1-24B-Instruct-2503"
+    shutil.rmtree(root / "models" / "FLUX.2-dev" / "text_encoder")
+    image, = generate_images("a photo", layout.lora_file, width=64, height=64, num_inference_steps=1)
+    assert image.size == (64, 64)

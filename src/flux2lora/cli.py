@@ -276,6 +276,10 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
                  negative_prompt: str = typer.Option("", "--negative-prompt", help="klein only"),
                  model: str = typer.Option(None, "--model", help="base model (default: from the LoRA's metadata)"),
                  flavour: str = typer.Option(None, "--flavour", help="klein-4b | klein-9b | dev (default: metadata)"),
+                 text_encoder: str = typer.Option(None, "--text-encoder",
+                                                  help="text encoder repo or folder (default: the one the LoRA's "
+                                                       "metadata records, else the base model's)"),
+                 text_encoder_subfolder: str = typer.Option(None, "--text-encoder-subfolder"),
                  device: str = typer.Option("auto", "--device"),
                  dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: bf16 on GPU)")):
     """Generate images with a LoRA, to try a result on any flavour; progress bars (phase, denoising steps,
@@ -295,7 +299,9 @@ def generate_cmd(lora: Path = typer.Option(..., "--lora", help="LoRA file (diffu
             results = generate_images(prompt, lora, seeds=[seed + i for i in range(images)], scale=scale,
                                       width=width, height=height, num_inference_steps=steps, guidance=guidance,
                                       negative_prompt=negative_prompt, model_path=model, flavour=flavour,
-                                      device=device, dtype=dtype, progress=_GenerateProgress(bars, images, steps))
+                                      device=device, dtype=dtype, text_encoder_path=text_encoder,
+                                      text_encoder_subfolder=text_encoder_subfolder,
+                                      progress=_GenerateProgress(bars, images, steps))
     except (UserError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     for image, path in zip(results, paths):

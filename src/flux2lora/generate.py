@@ -16,7 +16,7 @@ device, dtype and LoRA scale; a progress bar follows the denoising steps (diffus
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -31,11 +31,21 @@ from .models import gpu_memory_bytes as device_memory_bytes
 log = logging.getLogger(__name__)
 
 
+# The ModelParams fields naming a separate text encoder / tokenizer, by their key in the LoRA's flux2lora metadata.
+ENCODER_METADATA = {"text_encoder": "pretrained_text_encoder_name_or_path",
+                    "text_encoder_subfolder": "text_encoder_subfolder",
+                    "text_encoder_revision": "text_encoder_revision",
+                    "tokenizer": "pretrained_tokenizer_name_or_path", "tokenizer_subfolder": "tokenizer_subfolder",
+                    "tokenizer_revision": "tokenizer_revision"}
+
+
 @dataclass(frozen=True)
 class BaseModel:
     path: str  # hub id or local diffusers folder
     revision: str | None
     flavour: Flavour
+    # ModelParams fields of a separate text encoder / tokenizer the LoRA was trained with (dev's Mistral repo)
+    encoder: dict[str, str] = field(default_factory=dict)
 
 
 def base_model_of(lora: Path | None, model_path: str | None = None, flavour: str | None = None,
@@ -54,7 +64,15 @@ def base_model_of(lora: Path | None, model_path: str | None = None, flavour: str
     if not model_path and lora is not None:
         path = _project_folder(path, Path(lora))
     rev = revision or (meta.get("flux2lora.revision") if not model_path else None)
-    return BaseModel(path=path, revision=None if rev in (None, "", "main") else rev, flavour=get_flavour(name))
+    encoder = {}
+    if not model_path and lora is not None:  # another base model given: its own text encoder, not the recorded one
+        encoder = {field_name: meta[f"flux2lora.{key}"] for key, field_name in ENCODER_METADATA.items()
+                   if meta.get(f"flux2lora.{key}")}
+        for field_name in ("pretrained_text_encoder_name_or_path", "pretrained_tokenizer_name_or_path"):
+            if field_name in encoder:
+                encoder[field_name] = _project_folder(encoder[field_name], Path(lora))
+    return BaseModel(path=path, revision=None if rev in (None, "", "main") else rev, flavour=get_flavour(name),
+                     encoder=encoder)
 
 
 def _project_folder(path: str, lora: Path) -> str:
@@ -119,7 +137,8 @@ def generate_images(prompt: str, lora: Path | None = None, *, seeds: list[int] =
     `guidance`: dev's distilled guidance; klein base's true CFG scale (against `negative_prompt`, default the empty
     prompt, as the pipeline does). The seed fixes the initial noise (a CPU generator: the same image on every device).
     `dtype`: "bf16" | "fp16" | "fp32"; default bf16 on GPUs, fp32 on CPUs. text_encoder_path / _subfolder: dev's
-    encoder from another repo (e.g. mistralai/Mistral-Small-3.1-24B-Instruct-2503). gpu_memory_bytes: the GPU's
+    encoder from another repo (e.g. mistralai/Mistral-Small-3.1-24B-Instruct-2503); default: the text encoder and
+    tokenizer the LoRA's metadata records (the ones it was trained with), else the base model's. gpu_memory_bytes: the GPU's
     size for placement decisions (default: the device's; a test can claim a small GPU). placement: force
     "device" | "model_cpu_offload" | "group_offload" (default: what fits). progress: told each phase, denoising
     step and finished image (diffusers' own progress bar is then off).
@@ -133,10 +152,10 @@ def generate_images(prompt: str, lora: Path | None = None, *, seeds: list[int] =
     gpu_bytes = gpu_memory_bytes if gpu_memory_bytes is not None else device_memory_bytes(target)
     log.info("generate: model %s, flavour %s, device %s, dtype %s, LoRA %s at scale %g", base.path, base.flavour.name,
              target, dtype_name, lora.name if lora is not None else "none", scale)
+    encoder = base.encoder if text_encoder_path is None else {
+        "pretrained_text_encoder_name_or_path": text_encoder_path, "text_encoder_subfolder": text_encoder_subfolder}
     model = ModelParams(model_flavour=base.flavour.name, pretrained_model_name_or_path=base.path,
-                        revision=base.revision, base_model_default_dtype=dtype_name,
-                        pretrained_text_encoder_name_or_path=text_encoder_path,
-                        text_encoder_subfolder=text_encoder_subfolder)
+                        revision=base.revision, base_model_default_dtype=dtype_name, **encoder)
     prompts = [prompt, negative_prompt] if base.flavour.is_klein else [prompt]
     if progress is not None:
         progress.phase("encoding the prompt")

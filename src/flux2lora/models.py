@@ -293,13 +293,21 @@ def describe_model(model: ModelParams) -> dict:
     """The base model's identity for metadata and model cards.
 
     A step-distilled klein base trained on with `model.allow_distilled` adds "distilled": "true" and
-    "distilled_warning" (a sentence for the model card); a separate text encoder adds "text_encoder"."""
+    "distilled_warning" (a sentence for the model card); a separate text encoder or tokenizer adds "text_encoder",
+    "tokenizer" and their subfolder / revision when set."""
     info = {"base_model": model.model_id, "revision": model.revision or "main", "flavour": model.model_flavour}
     tiny_marker = Path(model.model_path) / "flux2lora_tiny.json"
     if tiny_marker.exists():
         info["tiny"] = json.loads(tiny_marker.read_text())
-    if model.pretrained_text_encoder_name_or_path:
-        info["text_encoder"] = model.pretrained_text_encoder_name_or_path  # as written: no local absolute path
+    # as written (no local absolute path): `flux2lora generate` loads the same encoder and tokenizer from them
+    for key, value in (("text_encoder", model.pretrained_text_encoder_name_or_path),
+                       ("text_encoder_subfolder", model.text_encoder_subfolder),
+                       ("text_encoder_revision", model.text_encoder_revision),
+                       ("tokenizer", model.pretrained_tokenizer_name_or_path),
+                       ("tokenizer_subfolder", model.tokenizer_subfolder),
+                       ("tokenizer_revision", model.tokenizer_revision)):
+        if value:
+            info[key] = value
     if model.flavour.is_klein and is_distilled(model):
         info["distilled"] = "true"
         info["distilled_warning"] = (
