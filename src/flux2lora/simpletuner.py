@@ -910,6 +910,8 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
 
 def _dataset_value(key: str, value: Any) -> Any:
     info = DatasetConfig.model_fields[key]
+    if key == "conditioning_data" and isinstance(value, str):  # one id, as SimpleTuner allows (and DatasetConfig)
+        value = [value]
     try:
         typed = TypeAdapter(Annotated[info.annotation, info]).validate_python(value)
     except ValidationError as e:
