@@ -289,7 +289,8 @@ def test_pipeline_with_a_mask_dataset_and_a_regularisation_dataset(tmp_path):
     assert len(index["masks"]) == 4 and len(index["regularisation"]) == 4 and len(index["probability"]) == 4
     store = TensorStore(layout.latents_dir)
     mask = store.get(next(iter(index["masks"].values())))["mask"]
-    assert mask.shape == (4, 4) and mask[:, :2].eq(1).all() and mask[:, 2:].eq(0).all()  # 64 px crop, /16
+    # 64 px crop, /16; Lanczos rings a little across the edge between the halves
+    assert mask.shape == (4, 4) and mask[:, :2].gt(0.95).all() and mask[:, 2:].lt(0.05).all()
     metrics = json.loads(layout.train_metrics.read_text())
     assert metrics["steps"] == 4 and metrics["final_loss"] == metrics["final_loss"]  # finite, not NaN
     assert (layout.lora_dir / "pytorch_lora_weights.safetensors").exists()
