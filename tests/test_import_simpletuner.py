@@ -311,7 +311,8 @@ def test_multiline_split_option_and_unknown_keys(tmp_path, project):
     assert params.prepare.datasets[0].disable_multiline_split is True
     status = report.status()
     assert status["config.json some_future_option"] == "refused"
-    assert status["multidatabackend.json[d] probability"] == "refused"
+    assert status["multidatabackend.json[d] probability"] == "mapped"
+    assert params.prepare.datasets[0].probability == 0.5
 
 
 def test_yaml_1_1_words_stay_strings(tmp_path, project):

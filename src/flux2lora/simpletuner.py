@@ -614,10 +614,8 @@ BACKEND_NO_EFFECT = {
     "target_downsample_size": "every image is resized to cover its bucket anyway",
 }
 BACKEND_REFUSED = {
-    "is_regularisation_data": "regularisation datasets are not supported",
     "caption_filter_list": "caption filters are not supported: edit the captions",
     "conditioning": "generated conditioning (canny, ...) is not supported: give a conditioning dataset",
-    "probability": "datasets are sampled by their repeats, not a probability",
 }
 # a parquet table's image size columns: SimpleTuner's metadata shortcut; prepare reads each image's size itself
 PARQUET_SIZE_COLUMNS = {"width_column", "height_column"}
@@ -651,7 +649,9 @@ BACKEND_MEANINGS = {
     "minimum_image_size": "smaller images are skipped", "repeats": "extra passes per epoch",
     "caption_strategy": "where captions come from", "instance_prompt": "caption or prefix",
     "prepend_instance_prompt": "instance_prompt before each caption", "parquet": "caption table",
-    "conditioning_data": "its reference datasets", "conditioning_type": "reference_strict or reference_loose",
+    "conditioning_data": "its reference (or mask) datasets",
+    "conditioning_type": "reference_strict, reference_loose or mask (a loss mask)",
+    "probability": "its weight when a batch's dataset is drawn (SimpleTuner's auto-weighting: x its size)",
     "disable_multiline_split": "a multi-line caption file is one caption",
 }
 
@@ -869,10 +869,15 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
                                              "decides"})
             elif key in BACKEND_NO_EFFECT:
                 report.no_effect.append({"source": here, "value": value, "reason": BACKEND_NO_EFFECT[key]})
-            elif key in BACKEND_REFUSED and not (key == "probability" and float(value) == 1.0):
+            elif key in BACKEND_REFUSED:
                 report.refused.append({"source": here, "value": value, "reason": BACKEND_REFUSED[key]})
-            elif key == "probability":
-                report.no_effect.append({"source": here, "value": value, "reason": "1: always sampled"})
+            elif key in ("is_regularisation_data", "is_regularization_data", "probability") and kind != "image":
+                report.no_effect.append({"source": here, "value": value, "reason": "applies to image datasets only"})
+            elif key in ("is_regularisation_data", "is_regularization_data"):  # SimpleTuner takes both spellings
+                entry["is_regularisation_data"] = _truthy(value)
+                report.mapped.append({"source": here, "target": f"prepare.datasets[{name}].is_regularisation_data",
+                                      "value": entry["is_regularisation_data"],
+                                      "meaning": "the target is the base model's prediction, adapter disabled"})
             elif key == "type":
                 report.no_effect.append({"source": here, "value": value, "reason": "a local folder, as here"})
             elif key == "caption_strategy" and value not in ("textfile", "filename", "instanceprompt", "parquet"):
@@ -905,6 +910,8 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
 
 def _dataset_value(key: str, value: Any) -> Any:
     info = DatasetConfig.model_fields[key]
+    if key == "conditioning_data" and isinstance(value, str):  # one id, as SimpleTuner allows (and DatasetConfig)
+        value = [value]
     try:
         typed = TypeAdapter(Annotated[info.annotation, info]).validate_python(value)
     except ValidationError as e:

@@ -25,7 +25,7 @@ def _index_keys(index: dict) -> set[str]:
             for item in value:
                 walk(item)
 
-    for name in ("images", "references", "captions", "caption_lines", "prompts", "empty"):
+    for name in ("images", "references", "masks", "captions", "caption_lines", "prompts", "empty"):
         walk(index.get(name))
     return keys
 

@@ -27,6 +27,7 @@ from ..io import write_json_atomic
 from ..latents import encode_pixels
 from ..layout import layout_for
 from ..models import check_not_distilled, component_identity, load_vae, resolve_device, torch_dtype
+from .masks import encode_masks, plan_mask_jobs
 from .store import TensorStore, content_key
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def _vae_batches(todo: list[Job], size: int) -> list[list[Job]]:
 def encode_latents(params: Params, root: Path) -> dict:
     """Cache latents (128, H/16, W/16) of every image (and reference) in images.jsonl at its bucket; writes
     `latents/index.json` {"images": {id: key}, "references": {id: [keys]}, "buckets": {id: [W, H]},
-    "repeats": {id: n}, "datasets": {id: dataset id}, "vae": identity}."""
+    "repeats": {id: n}, "datasets": {id: dataset id}, "vae": identity}, and when used "masks": {id: mask key}
+    (loss masks, `cache.masks`), "regularisation": [ids], "probability": {id: its dataset's probability}."""
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_latents
     rows = read_jsonl(layout.images_manifest)
@@ -149,15 +151,27 @@ def encode_latents(params: Params, root: Path) -> dict:
                 bar.update(len(current))
         del vae
 
-    # an image is trainable when its latent and all its references' are stored
+    # loss masks: no VAE, the same store (a DVC output like the latents)
+    mask_jobs, mask_keys = plan_mask_jobs(rows)
+    for key, error in encode_masks(store, root, mask_jobs).items():
+        failed[key] = error
+        log.warning("encode-latents: skipped the images of mask %s: %s", mask_jobs[key]["path"], error)
+
+    # an image is trainable when its latent and all its references' (and its mask) are stored
     usable = {i: k for i, k in image_keys.items()
-              if store.has(k) and all(store.has(r) for r in reference_keys.get(i, []))}
-    pruned = store.prune(set(jobs))
+              if store.has(k) and all(store.has(r) for r in reference_keys.get(i, []))
+              and (i not in mask_keys or store.has(mask_keys[i]))}
+    pruned = store.prune(set(jobs) | set(mask_jobs))
     by_id = {row["id"]: row for row in rows if row["id"] in usable}
     index = {"images": usable, "references": {i: reference_keys[i] for i in usable if i in reference_keys},
              "buckets": {i: by_id[i]["bucket"] for i in usable}, "repeats": {i: by_id[i].get("repeats", 0)
                                                                             for i in usable},
              "datasets": {i: by_id[i].get("dataset") for i in usable}, "vae": identity}
+    # only when used, so a project without them keeps its index (and its train fingerprint) byte for byte
+    extras = {"masks": {i: mask_keys[i] for i in usable if i in mask_keys},
+              "regularisation": sorted(i for i in usable if by_id[i].get("regularisation")),
+              "probability": {i: by_id[i]["probability"] for i in usable if "probability" in by_id[i]}}
+    index.update({name: value for name, value in extras.items() if value})
     write_json_atomic(layout.latents_dir / INDEX, index)
     return {"images": len(usable), "references": sum(len(index["references"][i]) for i in index["references"]),
             "encoded": len(todo) - len(failed), "reused": len(jobs) - len(todo), "failed": len(failed),

@@ -67,7 +67,8 @@ class DatasetOptions(_Strict):
     parquet: ParquetConfig | None = None
     # Edit / reference training: ids of `dataset_type: conditioning` datasets (or folder paths) paired by file name.
     conditioning_data: list[str] = []
-    conditioning_type: Literal["reference_strict", "reference_loose"] | None = None
+    # mask: a `dataset_type: conditioning` dataset of masks (white: trained, black: ignored) weighting the loss
+    conditioning_type: Literal["reference_strict", "reference_loose", "mask"] | None = None
     disabled: bool = False
 
     @field_validator("conditioning_data", mode="before")
@@ -88,17 +89,39 @@ class DatasetConfig(DatasetOptions):
 
     id: str = Field(min_length=1)
     type: Literal["local"] = "local"
-    dataset_type: Literal["image", "conditioning", "text_embeds"] = "image"
+    # mask: shorthand for `dataset_type: conditioning` + `conditioning_type: mask` (SimpleTuner's spelling)
+    dataset_type: Literal["image", "conditioning", "text_embeds", "mask"] = "image"
     instance_data_dir: str | None = None
+    # image datasets: the training target is the base model's own prediction (the adapter disabled), not the image's
+    # flow-matching velocity (SimpleTuner's parent-teacher regularisation)
+    is_regularisation_data: bool = False
+    # image datasets, when any sets it: each batch comes from a dataset drawn with weight probability x its batches
+    # per epoch (unset: 1); with none set, datasets mix in proportion to their images x (1 + repeats)
+    probability: float | None = Field(None, ge=0)
     # text_embeds entries: the text cache lives in output_dir/text_embeds (content-addressed, a DVC output); the
     # `default` entry's `write_batch_size` sets encode_text's.
     default: bool = False
     write_batch_size: int | None = Field(None, ge=1)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_shorthand(cls, values):
+        if isinstance(values, dict) and values.get("dataset_type") == "mask":
+            if values.get("conditioning_type") not in (None, "mask"):
+                raise ValueError(f"dataset {values.get('id')!r}: dataset_type mask cannot have conditioning_type "
+                                 f"{values['conditioning_type']!r}")
+            values = {**values, "dataset_type": "conditioning", "conditioning_type": "mask"}
+        return values
+
     @model_validator(mode="after")
     def _needs_a_folder(self):
         if self.dataset_type != "text_embeds" and not self.instance_data_dir:
             raise ValueError(f"dataset {self.id!r} ({self.dataset_type}) needs instance_data_dir")
+        if self.dataset_type != "image":
+            for key in ("is_regularisation_data", "probability"):
+                if key in self.model_fields_set and getattr(self, key) not in (False, None):
+                    raise ValueError(f"dataset {self.id!r}: {key} applies to image datasets only (this one is "
+                                     f"{self.dataset_type})")
         return self
 
 
@@ -111,10 +134,22 @@ class Dataset:
     folder: Path  # absolute
     options: DatasetOptions
     conditioning: list["Dataset"] = field(default_factory=list)  # image datasets: their reference datasets, in order
+    regularisation: bool = False  # is_regularisation_data
+    probability: float | None = None
 
     @property
     def conditioning_type(self) -> str:
         return self.options.conditioning_type or "reference_strict"
+
+    @property
+    def references(self) -> list["Dataset"]:
+        """The reference (edit) datasets: conditioning datasets that are not masks."""
+        return [c for c in self.conditioning if c.conditioning_type != "mask"]
+
+    @property
+    def mask(self) -> "Dataset | None":
+        """The mask dataset weighting this dataset's loss, if any."""
+        return next((c for c in self.conditioning if c.conditioning_type == "mask"), None)
 
 
 def check_datasets(prepare) -> None:
@@ -145,6 +180,20 @@ def check_datasets(prepare) -> None:
                                  "dataset_type: conditioning")
     if entries and not any(d.dataset_type == "image" and not d.disabled for d in entries):
         raise ValueError("prepare.datasets has no enabled image dataset to train on")
+    images = [d for d in entries if d.dataset_type == "image" and not d.disabled]
+    if images and all(d.is_regularisation_data for d in images):
+        raise ValueError("prepare.datasets: every enabled image dataset has is_regularisation_data: true, so the "
+                         "adapter would only learn the base model's own predictions; give it a dataset to learn")
+    if any(d.probability is not None for d in images) and not any((d.probability is None or d.probability > 0)
+                                                                  and not d.is_regularisation_data for d in images):
+        raise ValueError("prepare.datasets: probability is 0 for every image dataset to learn; give one a "
+                         "probability above 0")
+    masks = {d.id for d in entries if d.dataset_type == "conditioning" and d.conditioning_type == "mask"}
+    for entry in images:
+        named = [ref for ref in merged_options(prepare, entry).conditioning_data if ref in masks]
+        if len(named) > 1:
+            raise ValueError(f"dataset {entry.id!r}: conditioning_data names {len(named)} mask datasets "
+                             f"({', '.join(named)}); one mask weights an image's loss")
 
 
 def merged_options(prepare, entry: DatasetConfig) -> DatasetOptions:
@@ -238,7 +287,8 @@ def resolve_datasets(prepare, root: Path) -> list[Dataset]:
         folder = folder_of(entry.instance_data_dir, f"dataset {entry.id!r} instance_data_dir"
                            if prepare.datasets else "prepare.instance_data_dir")
         refs = [conditioning_dataset(ref, entry.id, options.conditioning_type) for ref in options.conditioning_data]
-        datasets.append(Dataset(entry.id, "image", folder, options, refs))
+        datasets.append(Dataset(entry.id, "image", folder, options, refs, regularisation=entry.is_regularisation_data,
+                                probability=entry.probability))
     if not datasets:
         raise ValueError("prepare: no enabled image dataset")
     return datasets

@@ -119,6 +119,33 @@ def _reference_index(dataset: Dataset, extensions: set[str]) -> dict[str, list[s
     return index
 
 
+def _paired_mask(mask: Dataset, index: dict[str, list[str]], rel: str, stem: str) -> str:
+    """The mask file of the image `rel` in the mask dataset (same relative name, any image extension)."""
+    matches = index.get(stem)
+    if not matches:
+        raise FileNotFoundError(f"mask dataset {mask.id!r}: no mask for {rel} in {mask.folder} (expected "
+                                f"{mask.folder / stem}.png or another image extension); every image of a dataset "
+                                "with a mask dataset in its conditioning_data needs a mask with the same name")
+    return matches[0]
+
+
+def mask_row(pair: tuple[Dataset, str], facts: dict[str, FileRecord], image: FileRecord, image_path: str, plan,
+             manifest_path) -> dict | Skip:
+    """The manifest entry of an image's mask: cropped exactly as the image (the same plan), so it must have the
+    image's size. An unusable mask file skips the image; a mask of another size is an error naming both files."""
+    mask_dataset, mask_path = pair
+    mask = facts[mask_path]
+    if mask.reason:
+        return Skip(mask_dataset.id, mask_path, f"mask_{mask.reason}", f"its mask {mask_path} is unusable: "
+                    f"{mask.detail}")
+    if (mask.width, mask.height) != (image.width, image.height):
+        raise ValueError(f"mask dataset {mask_dataset.id!r}: {mask_path} is {mask.width}x{mask.height} but its image "
+                         f"{image_path} is {image.width}x{image.height}; a mask must have its image's size (after "
+                         "EXIF rotation)")
+    return {"dataset": mask_dataset.id, "path": manifest_path(mask_path), "sha256": mask.sha256,
+            "width": mask.width, "height": mask.height, **plan.to_json()}
+
+
 def prepare(params: Params, root: Path) -> dict:
     """Scan every dataset of `prepare`, write images.jsonl, captions.jsonl and report.json. Returns the report."""
     started = time.perf_counter()
@@ -179,12 +206,16 @@ def prepare(params: Params, root: Path) -> dict:
                                 "links to folders: move or copy the folder into the dataset, or make it a dataset of "
                                 "its own in prepare.datasets"))
 
-    # 2. references, paired by name: a missing one is an error, not a skip (an edit LoRA without its pair is wrong)
+    # 2. references, paired by name: a missing one is an error, not a skip (an edit LoRA without its pair is wrong);
+    # so is a missing mask (the image would train on its background)
     reference_indexes = {c.id: _reference_index(c, extensions) for d in datasets for c in d.conditioning}
     references: dict[str, list[tuple[Dataset, str]]] = {}
+    masks: dict[str, tuple[Dataset, str]] = {}
     for dataset, path, rel, _ in candidates:
         stem = os.path.splitext(rel)[0]
-        for cond in dataset.conditioning:
+        if dataset.mask is not None:
+            masks[path] = (dataset.mask, _paired_mask(dataset.mask, reference_indexes[dataset.mask.id], rel, stem))
+        for cond in dataset.references:
             matches = reference_indexes[cond.id].get(stem)
             if not matches:
                 raise FileNotFoundError(f"conditioning_data: no reference for {rel} in {cond.folder} (expected "
@@ -193,7 +224,8 @@ def prepare(params: Params, root: Path) -> dict:
             references.setdefault(path, []).append((cond, matches[0]))
 
     # 3. decode what is new or changed, remember the outcome
-    to_inspect = sorted({p for _, p, _, _ in candidates} | {r for refs in references.values() for _, r in refs})
+    to_inspect = sorted({p for _, p, _, _ in candidates} | {r for refs in references.values() for _, r in refs}
+                        | {m for _, m in masks.values()})
     with FileRecords(layout.prepare_records, root) as records:
         facts, inspected = inspect_files(to_inspect, records)
         records.forget_except(set(to_inspect))
@@ -232,8 +264,18 @@ def prepare(params: Params, root: Path) -> dict:
                          **ref_plan.to_json()})
         if refs is None:
             continue
-        if dataset.conditioning:
+        if dataset.references:
             row["references"] = refs
+        if path in masks:
+            mask = mask_row(masks[path], facts, record, path, plan, manifest_path)
+            if isinstance(mask, Skip):
+                skipped.append(Skip(dataset.id, rel, mask.reason, mask.detail))
+                continue
+            row["mask"] = mask
+        if dataset.regularisation:
+            row["regularisation"] = True
+        if dataset.probability is not None:
+            row["probability"] = dataset.probability
         images.append(row)
         # one caption: the row as it always was; several: also all of them (the first is `caption`)
         captions.append({"id": image_id, "caption": texts[0], **({"captions": texts} if len(texts) > 1 else {})})

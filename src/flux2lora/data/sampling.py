@@ -66,3 +66,65 @@ class BucketBatches(Generic[T]):
         if getattr(self, "_cached_epoch", None) != epoch:
             self._cached_epoch, self._cached = epoch, self._epoch(epoch)
         return [self.items[i] for i in self._cached[index]]
+
+
+class WeightedDatasetBatches(Generic[T]):
+    """Batches when datasets set `probability`: each batch comes from one dataset, drawn with weight
+    probability x (its batches per epoch), so equal probabilities mix datasets by size as `BucketBatches` does and
+    probability 2 doubles a dataset's share. Within a dataset, batches follow that dataset's own `BucketBatches`
+    order (its k-th draw is its batch k). Draw j is a pure function of (seed, j): the choices are made in blocks of
+    BLOCK from a generator seeded by (seed, block), so a resumed run draws exactly what it would have drawn."""
+
+    BLOCK = 4096
+
+    def __init__(self, groups: dict[str, list[T]], probabilities: dict[str, float], batch_size: int, seed: int):
+        self.names = sorted(groups)
+        self.seed = seed
+        self.batches = {name: BucketBatches(groups[name], batch_size, seed) for name in self.names}
+        self.per_epoch = sum(b.per_epoch for b in self.batches.values())
+        weights = [probabilities[name] * self.batches[name].per_epoch for name in self.names]
+        if not sum(weights) > 0:
+            raise ValueError("prepare.datasets: every dataset with images to train on has probability 0")
+        self.weights = torch.tensor(weights, dtype=torch.float64)
+        self._blocks: list[torch.Tensor] = []  # per block, each draw's dataset index
+        self._counts: list[torch.Tensor] = []  # per block, how many draws each dataset had before it
+
+    def _block(self, block: int) -> torch.Tensor:
+        while len(self._blocks) <= block:
+            b = len(self._blocks)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+            choices = torch.multinomial(self.weights, self.BLOCK, replacement=True, generator=generator)
+            before = self._counts[-1] + torch.bincount(self._blocks[-1], minlength=len(self.names)) \
+                if self._blocks else torch.zeros(len(self.names), dtype=torch.long)
+            self._blocks.append(choices)
+            self._counts.append(before)
+        return self._blocks[block]
+
+    def dataset_at(self, step: int) -> str:
+        """The dataset batch `step` is drawn from."""
+        block, offset = divmod(step, self.BLOCK)
+        return self.names[int(self._block(block)[offset])]
+
+    def at(self, step: int) -> list[T]:
+        """The batch of training step `step` (0-based)."""
+        block, offset = divmod(step, self.BLOCK)
+        choices = self._block(block)
+        index = int(choices[offset])
+        k = int(self._counts[block][index]) + int((choices[:offset] == index).sum())
+        return self.batches[self.names[index]].at(k)
+
+
+def batches_for(items: Sequence[T], batch_size: int, seed: int):
+    """`BucketBatches` over all items, or `WeightedDatasetBatches` when any item's dataset sets a probability
+    (items of the others weigh 1; a dataset with probability 0 is never drawn)."""
+    if all(getattr(item, "probability", None) is None for item in items):
+        return BucketBatches(items, batch_size, seed)
+    groups: dict[str, list] = defaultdict(list)
+    probabilities: dict[str, float] = {}
+    for item in items:
+        groups[item.dataset].append(item)
+        probabilities[item.dataset] = 1.0 if item.probability is None else float(item.probability)
+    drawn = {name: group for name, group in groups.items() if probabilities[name] > 0}
+    if not drawn:
+        raise ValueError("prepare.datasets: every dataset with images to train on has probability 0")
+    return WeightedDatasetBatches(drawn, probabilities, batch_size, seed)

@@ -32,6 +32,10 @@ class Sample:
     bucket: tuple[int, int] = (0, 0)  # (width, height) of its aspect bucket: a batch holds one bucket
     repeats: int = 0  # extra appearances per epoch (its dataset's `repeats`)
     caption_keys: list[str] = field(default_factory=list)  # several captions: one is picked per step
+    dataset: str = ""  # its dataset's id
+    mask_key: str | None = None  # a loss mask (its dataset's mask dataset): weights per latent token
+    regularisation: bool = False  # is_regularisation_data: the target is the base model's own prediction
+    probability: float | None = None  # its dataset's sampling probability, when any dataset sets one
 
     def text_key_at(self, seed: int, micro_batch: int, position: int) -> str:
         """The caption embedding this sample trains with at `position` of global micro-batch `micro_batch`."""
@@ -48,8 +52,10 @@ def load_samples(layout) -> tuple[list[Sample], str]:
     references = latent_index.get("references", {})
     buckets, repeats = latent_index.get("buckets", {}), latent_index.get("repeats", {})
     lines = text_index.get("caption_lines", {})
+    datasets, masks = latent_index.get("datasets", {}), latent_index.get("masks", {})
+    regularisation, probability = set(latent_index.get("regularisation", [])), latent_index.get("probability", {})
     samples = [Sample(i, k, captions[i], references.get(i, []), tuple(buckets.get(i, (0, 0))), repeats.get(i, 0),
-                      lines.get(i, []))
+                      lines.get(i, []), datasets.get(i) or "", masks.get(i), i in regularisation, probability.get(i))
                for i, k in sorted(latent_index["images"].items()) if i in captions]
     if not samples:
         raise ValueError("train: no image has both a cached latent and a caption embedding; re-run the encode stages")
@@ -142,8 +148,15 @@ class StepDraws:
         references = None
         if draws.references is not None:
             references = [[get_latent(key)["latents"].float() for key in keys] for keys in draws.references]
+        loss_mask = regularisation = None
+        if any(s.mask_key for s in batch):  # samples without a mask weigh every token 1
+            loss_mask = torch.stack([get_latent(s.mask_key)["mask"] if s.mask_key else torch.ones(x0.shape[2:])
+                                     for s in batch]).to(self.device, torch.float32)
+        if any(s.regularisation for s in batch):
+            regularisation = torch.tensor([s.regularisation for s in batch], device=self.device)
         return MicroBatch(x0, prompt_embeds, draws.noise.to(self.device), draws.sigmas.to(self.device),
-                          None if draws.guidance is None else draws.guidance.to(self.device), references)
+                          None if draws.guidance is None else draws.guidance.to(self.device), references,
+                          loss_mask, regularisation)
 
     def _latent_shape(self, batch: list[Sample]) -> tuple[int, ...]:
         # a batch is one bucket (W, H): its latents are (128, H/16, W/16); without a recorded bucket, read them

@@ -30,7 +30,7 @@ from ..cache.store import TensorStore
 from ..config import Params, TrainParams
 from ..errors import UserError
 from ..data.prepare import log_prepare_report
-from ..data.sampling import BucketBatches
+from ..data.sampling import batches_for
 from ..io import write_json_atomic
 from ..layout import layout_for
 from ..models import check_not_distilled, component_identity, describe_model, load_training_transformer, pipeline_class, resolve_device
@@ -196,7 +196,8 @@ class LoRATrainingRecipe:
         samples, empty_key = load_samples(layout)
         # validate.eval_split: the held-out images never reach the batches
         samples, eval_samples, eval_source = split_for_evaluation(samples, params)
-        batches = BucketBatches(samples, cfg.train_batch_size, cfg.seed)  # one aspect bucket per batch
+        # one aspect bucket per batch; datasets by their `probability` when any sets one
+        batches = batches_for(samples, cfg.train_batch_size, cfg.seed)
         self.max_steps = total_steps(cfg, batches, self.processes)
         self.fingerprint = fingerprint(params, layout)
         self._setup_model()

@@ -45,6 +45,8 @@ class MicroBatch:
     sigmas: torch.Tensor
     guidance: torch.Tensor | None = None
     references: list[list[torch.Tensor]] | None = None
+    loss_mask: torch.Tensor | None = None  # (B, h, w) weights per latent token in [0, 1] (mask datasets)
+    regularisation: torch.Tensor | None = None  # (B,) bool: target = the base model's prediction (adapter off)
 
 
 def flow_matching_loss(model, batch: MicroBatch, device: torch.device, autocast_dtype: torch.dtype | None,
@@ -57,6 +59,10 @@ def flow_matching_loss(model, batch: MicroBatch, device: torch.device, autocast_
     s = batch.sigmas.view(-1, 1, 1, 1)
     noisy = (1.0 - s) * batch.x0 + s * batch.noise
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        if batch.regularisation is not None or batch.loss_mask is not None:  # datasets.py: masks, regularisation
+            from .datasets import weighted_objective
+
+            return weighted_objective(model, batch, noisy, generator, dtype)
         prediction = predict(model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance, batch.references,
                              generator, dtype=dtype)
     return torch.nn.functional.mse_loss(prediction.float(), pack(batch.noise - batch.x0).float())
