@@ -30,12 +30,35 @@ def _tracking_uri_does_not_leak_between_tests():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-@pytest.fixture(scope="session")
-def trained_project(tmp_path_factory) -> Path:
-    """A demo project (tiny klein-4b, 8 generated images) on which all six stages ran in-process once."""
+def _train_demo(root: Path) -> Path:
     from flux2lora.stages import STAGES, run_stage
 
-    root = make_project(tmp_path_factory.mktemp("trained") / "project")
+    root = make_project(root)
     for name in STAGES:
         run_stage(name, root / "params.yaml")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A demo project (tiny klein-4b, 8 generated images) on which all six stages ran in-process once.
+
+    Under pytest-xdist the first worker that asks trains it once into the session's shared temp folder (a file lock
+    keeps the others waiting) and every worker uses its own copy: a project is relocatable (test_relocation), so a
+    copy is the same project, and the suite trains it once instead of once per worker."""
+    import shutil
+
+    from filelock import FileLock
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: nothing to share
+        return _train_demo(tmp_path_factory.mktemp("trained") / "project")
+    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/: common to this session's workers, new per session
+    built = shared / "trained-demo" / "project"
+    with FileLock(str(shared / "trained-demo.lock")):
+        if not (built.parent / "complete").exists():
+            shutil.rmtree(built.parent, ignore_errors=True)
+            _train_demo(built)
+            (built.parent / "complete").write_text("")
+    root = tmp_path_factory.mktemp("trained") / "project"
+    shutil.copytree(built, root, symlinks=True)
     return root
