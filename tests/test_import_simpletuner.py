@@ -447,3 +447,22 @@ def test_eval_and_ema_keys_map_by_meaning(tmp_path, project):
     report, params = imported(tmp_path, project, {"eval_dataset_id": "held"})
     assert report.status()["config.json eval_dataset_id"] == "refused"
     assert params.validate_.eval_every_n_steps == 100  # unset: flux2lora's (the eval loss is on by default)
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({"flow_schedule_auto_shift": True}, "auto"),
+    ({"flow_schedule_auto_shift": True, "flow_schedule_shift": 0}, "auto"),
+    ({"flow_schedule_auto_shift": False, "flow_schedule_shift": 2.5}, 2.5),
+    ({"flow_schedule_shift": 0}, 1.0),  # SimpleTuner: no shift
+    ({}, 3.0),
+])
+def test_auto_shift_maps_to_the_resolution_dependent_shift(tmp_path, project, given, expected):
+    report, params = imported(tmp_path, project, given)
+    assert params.train.timestep_shift == expected
+    if expected == "auto":
+        assert any("compute_empirical_mu" in note for note in report.notes)
+
+
+def test_auto_shift_with_a_static_shift_stops_like_simpletuner(tmp_path, project):
+    with pytest.raises(ParamsError, match="cannot be combined"):
+        imported(tmp_path, project, {"flow_schedule_auto_shift": True, "flow_schedule_shift": 3.0})

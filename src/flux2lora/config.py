@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -210,7 +210,12 @@ class TrainParams(Section):
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    timestep_shift: float = Field(3.0, gt=0)
+    # A number: the static shift above. auto: FLUX.2's resolution-dependent shift at inference (diffusers'
+    # compute_empirical_mu of the batch's image tokens and timestep_shift_inference_steps; train/timesteps.py).
+    timestep_shift: Annotated[float, Field(gt=0)] | Literal["auto"] = 3.0
+    timestep_shift_inference_steps: int = Field(50, ge=1)  # auto: the num_steps of compute_empirical_mu
+    # Loss weighting per sample: none (plain MSE), or diffusers' compute_loss_weighting_for_sd3 sigma_sqrt / cosmap.
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     # Weights of the frozen transformer's blocks: no_change (base_model_default_dtype), optimum-quanto int8/int4,
     # or torchao float8 (GPUs with compute capability 8.9+: Ada, Hopper, Blackwell).
     base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "fp8-torchao"] = "no_change"

@@ -137,6 +137,8 @@ TABLE: dict[str, Computes | str] = {
     "train.logit_std": _TRAIN,
     "train.mode_scale": _TRAIN,
     "train.timestep_shift": _TRAIN,
+    "train.timestep_shift_inference_steps": _TRAIN,
+    "train.loss_weighting": _TRAIN,
     # quantized weights change the forward's numbers (the LoRA learns against them)
     "train.base_model_precision": _TRAIN,
     "train.tread_config": _TRAIN,

@@ -375,6 +375,29 @@ def _only_instance_prompt(value, config):
     return {"prepare.caption_strategy": "instanceprompt"}
 
 
+def _auto_shift(value, config):
+    if not _truthy(value):
+        raise NoEffect("false: the static flow_schedule_shift")
+    shift = config.get("flow_schedule_shift")
+    if shift is not None and float(shift) > 0:
+        raise Stop("flow_schedule_auto_shift with flow_schedule_shift > 0: SimpleTuner refuses to start ('cannot be "
+                   "combined with --flow_schedule_shift'); set flow_schedule_shift to 0 or drop auto_shift")
+    config.setdefault("__notes__", []).append(
+        "train.timestep_shift: auto is FLUX.2's own resolution-dependent shift at inference (diffusers' "
+        "compute_empirical_mu of the image tokens); SimpleTuner's auto_shift computes mu with FLUX.1's linear "
+        "calculate_shift (0.5 at 256 tokens to 1.15 at 4096), a smaller shift: the nearest flux2lora has")
+    return {"train.timestep_shift": "auto"}
+
+
+def _flow_schedule_shift(value, config):
+    if _truthy(config.get("flow_schedule_auto_shift", False)):
+        raise NoEffect("flow_schedule_auto_shift is set: the shift depends on the resolution")
+    shift = float(value)
+    if shift <= 0:
+        return {"train.timestep_shift": 1.0}  # SimpleTuner applies no shift for 0 without auto_shift
+    return {"train.timestep_shift": shift}
+
+
 def _uniform(value, config):
     if _truthy(value):
         return {"train.weighting_scheme": "uniform"}
@@ -491,8 +514,11 @@ SEED_KEYS: dict[str, SeedKey] = {
     "gradient_checkpointing_interval": refuse("checkpoint every n-th block",
                                               "not supported; use train.gradient_checkpointing_blocks"),
     "seed": SeedKey("training seed (unset, 0, -1: random each run)", _seed, None, {"train.seed": 42}),
-    "flow_schedule_shift": to("train.timestep_shift", "static sigma shift s*t/(1+(s-1)*t)", 3.0),
-    "flow_schedule_auto_shift": refuse("resolution-dependent shift", "not supported: a static timestep_shift is used"),
+    "flow_schedule_shift": SeedKey("static sigma shift s*t/(1+(s-1)*t) (0: none, or auto_shift's)",
+                                   _flow_schedule_shift, 3.0,
+                                   lambda config: {} if _truthy(config.get("flow_schedule_auto_shift", False))
+                                   else {"train.timestep_shift": 3.0}),
+    "flow_schedule_auto_shift": SeedKey("resolution-dependent shift (larger images: larger shift)", _auto_shift, False),
     "flow_sigmoid_scale": to("train.logit_std", "sigma = sigmoid(scale * N(0,1)): logit-normal with std scale", 1.0,
                              ours={"train.logit_std": 1.0, "train.logit_mean": 0.0,
                                    "train.weighting_scheme": "logit_normal"}),

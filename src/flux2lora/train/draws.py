@@ -123,8 +123,9 @@ class StepDraws:
         """The random choices for `batch`, in their fixed order; only the latents' shape is needed for them."""
         cfg, g = self.cfg, self.generator
         dropped = (torch.rand(len(batch), generator=g) < cfg.caption_dropout_probability).tolist()
-        noise = torch.randn(self._latent_shape(batch), generator=g)
-        sigmas = sample_sigmas(cfg, len(batch), g)
+        shape = self._latent_shape(batch)
+        noise = torch.randn(shape, generator=g)
+        sigmas = sample_sigmas(cfg, len(batch), g, image_seq_len=shape[-2] * shape[-1])  # tokens: (H/16)*(W/16)
         guidance = guidance_values(cfg, len(batch), g) if self.guidance else None
         references = None
         if any(sample.reference_keys for sample in batch):

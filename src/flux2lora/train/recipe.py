@@ -257,7 +257,7 @@ class LoRATrainingRecipe:
         self.training_step = TrainingStep(model, lora_params, optimizer, scheduler,
                                           mixed_precision=cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm,
                                           device=self.device, dtype=transformer.dtype, accelerator=self.accelerator,
-                                          grad_clip_method=cfg.grad_clip_method)
+                                          grad_clip_method=cfg.grad_clip_method, loss_weighting=cfg.loss_weighting)
 
     # -- resume
 
