@@ -466,3 +466,20 @@ def test_auto_shift_maps_to_the_resolution_dependent_shift(tmp_path, project, gi
 def test_auto_shift_with_a_static_shift_stops_like_simpletuner(tmp_path, project):
     with pytest.raises(ParamsError, match="cannot be combined"):
         imported(tmp_path, project, {"flow_schedule_auto_shift": True, "flow_schedule_shift": 3.0})
+
+
+@pytest.mark.parametrize("given,expected,noted", [
+    ("adamw_bf16", "adamw_bf16", True), ("optimi-adamw", "adamw", False), ("bnb-adamw8bit", "adamw8bit", False),
+    ("ao-adamw8bit", "adamw8bit", True), ("optimi-lion", "lion", False), ("bnb-lion8bit", "lion", True),
+    ("optimi-stableadamw", "stableadamw", False), ("prodigy", "prodigy", False), (None, "adamw_bf16", False),
+])
+def test_optimizer_names_map_to_ours(tmp_path, project, given, expected, noted):
+    report, params = imported(tmp_path, project, {} if given is None else {"optimizer": given})
+    assert params.train.optimizer == expected and not params.train.use_8bit_adam
+    assert any(note.startswith("train.optimizer:") for note in report.notes) == noted
+
+
+def test_an_optimizer_we_lack_is_refused_and_simpletuners_default_used(tmp_path, project):
+    report, params = imported(tmp_path, project, {"optimizer": "soap"})
+    assert report.status()["config.json optimizer"] == "refused"
+    assert params.train.optimizer == "adamw_bf16"

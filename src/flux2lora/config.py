@@ -187,7 +187,10 @@ class TrainParams(Section):
     num_train_epochs: int | None = Field(None, ge=1)
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
-    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA)
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: the older name of optimizer: adamw8bit
+    # adamw (torch), adamw8bit (bitsandbytes), adamw_bf16 / lion / stableadamw (torch-optimi), prodigy (prodigyopt):
+    # train/optimizers.py. All read learning_rate, adam_beta1/2, adam_weight_decay (and adam_epsilon, not lion).
+    optimizer: Literal["adamw", "adamw8bit", "adamw_bf16", "lion", "stableadamw", "prodigy"] = "adamw"
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     # norm: gradients scaled so that their total L2 norm is at most max_grad_norm; value: each gradient element
     # clamped to [-max_grad_norm, max_grad_norm] (SimpleTuner's default).
@@ -287,6 +290,13 @@ class TrainParams(Section):
         if self.use_dora and self.enable_group_offload:
             raise ValueError("train.use_dora with enable_group_offload is not supported (not tested: DoRA reads the "
                              "offloaded base weights in every step); switch one off")
+        return self
+
+    @model_validator(mode="after")
+    def _one_optimizer(self):
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"train: use_8bit_adam (AdamW8bit) and optimizer {self.optimizer!r} are both set: "
+                             "remove use_8bit_adam (optimizer: adamw8bit is its name now)")
         return self
 
     @model_validator(mode="after")

@@ -128,6 +128,7 @@ TABLE: dict[str, Computes | str] = {
     "train.train_batch_size": _TRAIN,
     "train.gradient_accumulation_steps": _TRAIN,
     "train.use_8bit_adam": _TRAIN,
+    "train.optimizer": _TRAIN,
     "train.max_grad_norm": _TRAIN,
     "train.grad_clip_method": _TRAIN,
     "train.mixed_precision": _TRAIN,

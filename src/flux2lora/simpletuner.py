@@ -277,17 +277,32 @@ def _precision(target: str, table: dict):
     return apply
 
 
-ADAMW = ("adamw_bf16", "adamw", "optimi-adamw", "bnb-adamw", "torch-adamw")
-ADAMW_8BIT = ("bnb-adamw8bit", "ao-adamw8bit", "bnb-adamw8bit-paged", "bnb-adamw-paged")
+# SimpleTuner's optimizer names (its OPTIONS.md list) -> ours (train/optimizers.py), and why where not the same.
+OPTIMIZERS = {
+    "adamw_bf16": ("adamw_bf16", "bf16 weights; here torch-optimi's Kahan summation where SimpleTuner rounds "
+                   "stochastically"),
+    "optimi-adamw": ("adamw", None), "adamw": ("adamw", None), "torch-adamw": ("adamw", None),
+    "bnb-adamw": ("adamw", None), "bnb-adamw-paged": ("adamw", None),
+    "bnb-adamw8bit": ("adamw8bit", None), "bnb-adamw8bit-paged": ("adamw8bit", None),
+    "ao-adamw8bit": ("adamw8bit", "torchao's 8-bit AdamW is trained as bitsandbytes' AdamW8bit, the 8-bit AdamW "
+                     "flux2lora has"),
+    "optimi-lion": ("lion", None), "bnb-lion": ("lion", None), "bnb-lion-paged": ("lion", None),
+    "bnb-lion8bit": ("lion", "bitsandbytes' 8-bit Lion is trained as torch-optimi's Lion (32-bit states)"),
+    "bnb-lion8bit-paged": ("lion", "bitsandbytes' 8-bit Lion is trained as torch-optimi's Lion (32-bit states)"),
+    "optimi-stableadamw": ("stableadamw", None),
+    "prodigy": ("prodigy", None),
+}
 
 
 def _optimizer(value, config):
-    if value in ADAMW:
-        return {"train.use_8bit_adam": False}
-    if value in ADAMW_8BIT:
-        return {"train.use_8bit_adam": True}
-    raise Refused(f"flux2lora trains with AdamW only (torch, or bitsandbytes 8-bit): {value} is not available; "
-                  "AdamW with the adam_* keys is used")
+    name = str(value).strip().lower()
+    if name not in OPTIMIZERS:
+        raise Refused(f"{value} is not available here (flux2lora has adamw, adamw8bit, adamw_bf16, lion, "
+                      "stableadamw, prodigy)")
+    ours, note = OPTIMIZERS[name]
+    if note:
+        config.setdefault("__notes__", []).append(f"train.optimizer: SimpleTuner's {name} is {ours} here: {note}")
+    return {"train.optimizer": ours, "train.use_8bit_adam": False}
 
 
 def _seed(value, config):
@@ -495,7 +510,8 @@ SEED_KEYS: dict[str, SeedKey] = {
     "lr_power": to("train.lr_power", "polynomial decay exponent", 0.8),
     "lr_num_cycles": no_effect("cycles of diffusers' cosine_with_restarts",
                                "SimpleTuner's own cosine_with_restarts never reads it"),
-    "optimizer": SeedKey("optimizer", _optimizer, "adamw_bf16", {"train.use_8bit_adam": False}),
+    "optimizer": SeedKey("optimizer", _optimizer, "adamw_bf16",
+                         {"train.optimizer": "adamw_bf16", "train.use_8bit_adam": False}),
     "adam_beta1": to("train.adam_beta1", "AdamW beta1", 0.9),
     "adam_beta2": to("train.adam_beta2", "AdamW beta2", 0.999),
     "adam_weight_decay": to("train.adam_weight_decay", "AdamW weight decay", 1e-2),

@@ -175,15 +175,7 @@ class TrainingStep:
 
 
 def make_optimizer(lora_params, cfg, device: torch.device):
-    """AdamW over the LoRA parameters: fused kernels on CUDA and CPU; 8-bit (bitsandbytes) when asked and
-    installed."""
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                  eps=cfg.adam_epsilon)
-    if getattr(cfg, "use_8bit_adam", False):
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ValueError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(lora_params, **kwargs)
-    # fused kernels exist for CUDA and CPU; elsewhere (mps, xpu builds without them) the foreach implementation
-    return torch.optim.AdamW(lora_params, fused=device.type in ("cuda", "cpu"), **kwargs)
+    """The optimizer of train.optimizer over the LoRA parameters (`optimizers.build_optimizer`)."""
+    from .optimizers import build_optimizer
+
+    return build_optimizer(lora_params, cfg, device)
