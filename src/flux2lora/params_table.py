@@ -176,6 +176,13 @@ TABLE: dict[str, Computes | str] = {
     "train.ema_decay": _TRAIN,
     "train.ema_update_interval": _TRAIN,
     "train.ema_export": _TRAIN,
+    # scheduled sampling changes the inputs the LoRA trains on
+    "train.scheduled_sampling_max_step_offset": _TRAIN,
+    "train.scheduled_sampling_probability": _TRAIN,
+    "train.scheduled_sampling_ramp_steps": _TRAIN,
+    "train.scheduled_sampling_prob_start": _TRAIN,
+    "train.scheduled_sampling_prob_end": _TRAIN,
+    "train.scheduled_sampling_sampler": _TRAIN,
 
     # the prompt library's texts and the subject put into them are encoded by encode-text into prompt_embeds/,
     # which validate reads; the library file itself is a dependency of encode-text in dvc.yaml

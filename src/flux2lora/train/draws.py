@@ -20,6 +20,8 @@ from ..config import TrainParams
 from ..data.captions import caption_choice
 from ..data.sampling import BucketBatches
 from .forward import pick_references
+from .rollout import draw_offsets
+from .rollout import enabled as rollout_enabled
 from .step import MicroBatch, sample_sigmas
 
 
@@ -91,6 +93,7 @@ class Draws:
     sigmas: torch.Tensor
     guidance: torch.Tensor | None
     references: list[list[str]] | None
+    rollout: torch.Tensor | None = None  # scheduled sampling's rollout lengths (B,), when it is on
 
 
 class StepDraws:
@@ -130,7 +133,11 @@ class StepDraws:
         references = None
         if any(sample.reference_keys for sample in batch):
             references = pick_references([s.reference_keys for s in batch], cfg.conditioning_multidataset_sampling, g)
-        return Draws(index, dropped, noise, sigmas, guidance, references)
+        rollout = None
+        if rollout_enabled(cfg):  # last, and only when on: with it off the draws are exactly as before
+            step = index // (cfg.gradient_accumulation_steps * self.processes)
+            rollout = draw_offsets(cfg, len(batch), step, g)
+        return Draws(index, dropped, noise, sigmas, guidance, references, rollout)
 
     def materialise(self, batch: list[Sample], draws: Draws) -> MicroBatch:
         """The cached latents and embeddings of `batch` with its draws, on the training device."""
@@ -144,7 +151,8 @@ class StepDraws:
         if draws.references is not None:
             references = [[get_latent(key)["latents"].float() for key in keys] for keys in draws.references]
         return MicroBatch(x0, prompt_embeds, draws.noise.to(self.device), draws.sigmas.to(self.device),
-                          None if draws.guidance is None else draws.guidance.to(self.device), references)
+                          None if draws.guidance is None else draws.guidance.to(self.device), references,
+                          draws.rollout)
 
     def _latent_shape(self, batch: list[Sample]) -> tuple[int, ...]:
         # a batch is one bucket (W, H): its latents are (128, H/16, W/16); without a recorded bucket, read them

@@ -47,6 +47,8 @@ class MicroBatch:
     sigmas: torch.Tensor
     guidance: torch.Tensor | None = None
     references: list[list[torch.Tensor]] | None = None
+    rollout_offsets: torch.Tensor | None = None  # scheduled sampling: per-sample rollout length (B,), rollout.py
+    noisy: torch.Tensor | None = None  # the input x_t when it is not the forward process's (scheduled sampling)
 
 
 def flow_matching_loss(model, batch: MicroBatch, device: torch.device, autocast_dtype: torch.dtype | None,
@@ -59,7 +61,7 @@ def flow_matching_loss(model, batch: MicroBatch, device: torch.device, autocast_
     autocast_dtype: mixed precision's (None: float32); dtype: the transformer's weight dtype. loss_weighting:
     train.loss_weighting (sigma_sqrt / cosmap: diffusers' per-sample weights, `timesteps.weighted_flow_loss`)."""
     s = batch.sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - s) * batch.x0 + s * batch.noise
+    noisy = (1.0 - s) * batch.x0 + s * batch.noise if batch.noisy is None else batch.noisy
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         prediction = predict(model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance, batch.references,
                              generator, dtype=dtype)
