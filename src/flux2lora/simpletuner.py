@@ -404,6 +404,23 @@ def _auto_shift(value, config):
     return {"train.timestep_shift": "auto"}
 
 
+def _rollout_offset(value, config):
+    offset = _int(value)
+    if offset > 0 and str(config.get("scheduled_sampling_sampler", "unipc")).strip().lower() != "euler":
+        config.setdefault("__notes__", []).append(
+            "train.scheduled_sampling_sampler: SimpleTuner rolls out with unipc unless told otherwise; flux2lora's "
+            "rollouts take Euler steps")
+    return {"train.scheduled_sampling_max_step_offset": max(0, offset)}
+
+
+def _rollout_sampler(value, config):
+    if str(value).strip().lower() == "euler":
+        return {"train.scheduled_sampling_sampler": "euler"}
+    if _int(config.get("scheduled_sampling_max_step_offset")) <= 0:
+        raise NoEffect("scheduled sampling is off (scheduled_sampling_max_step_offset 0)")
+    raise Refused(f"{value}: flux2lora's rollouts use Euler steps only; euler is used")
+
+
 def _flow_schedule_shift(value, config):
     if _truthy(config.get("flow_schedule_auto_shift", False)):
         raise NoEffect("flow_schedule_auto_shift is set: the shift depends on the resolution")
@@ -541,6 +558,23 @@ SEED_KEYS: dict[str, SeedKey] = {
     "flow_use_uniform_schedule": SeedKey("sigma ~ U(0, 1)", _uniform),
     "flow_use_beta_schedule": refuse("sigma ~ Beta(alpha, beta)", "not supported (logit_normal, uniform, mode)"),
     "flux_fast_schedule": refuse("fast timestep schedule", "not supported"),
+    # scheduled sampling (rollout): the same names and meaning (train/rollout.py)
+    "scheduled_sampling_max_step_offset": SeedKey("longest rollout in steps (0: off)", _rollout_offset, 0,
+                                                  {"train.scheduled_sampling_max_step_offset": 0}),
+    "scheduled_sampling_probability": to("train.scheduled_sampling_probability", "share of samples rolled out", 0.0),
+    "scheduled_sampling_ramp_steps": to("train.scheduled_sampling_ramp_steps",
+                                        "linear ramp of the probability over N steps (0: none)", 0),
+    "scheduled_sampling_prob_start": to("train.scheduled_sampling_prob_start", "the ramp's first probability", 0.0),
+    "scheduled_sampling_prob_end": to("train.scheduled_sampling_prob_end", "the ramp's last probability", 0.5),
+    "scheduled_sampling_sampler": SeedKey("rollout solver (unipc, euler, dpm, rk4)", _rollout_sampler, "unipc"),
+    "scheduled_sampling_start_step": refuse("first step of the ramp", "not supported: the ramp starts at step 0",
+                                            harmless=(0, None)),
+    "scheduled_sampling_ramp_shape": refuse("ramp shape", "not supported: the ramp is linear",
+                                            harmless=("linear", None)),
+    "scheduled_sampling_strategy": refuse("how rollout lengths are drawn", "not supported: k is uniform",
+                                          harmless=("uniform", None)),
+    **{key: refuse("ReflexFlow exposure-bias terms", "not supported", harmless=(False, None, "false"))
+       for key in ("scheduled_sampling_reflexflow",)},
     "caption_dropout_probability": to("train.caption_dropout_probability", "share trained on the empty prompt",
                                       0.1),
     "conditioning_multidataset_sampling": to("train.conditioning_multidataset_sampling",
