@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 SMALL = dict(num_layers=2, num_single_layers=4, num_attention_heads=4, attention_head_dim=64,
              joint_attention_dim=3 * 128, axes_dims_rope=(16, 16, 16, 16), guidance_embeds=False)
-VARIANTS = {"off": (0, 0.0), "k<=5 p=0.5": (5, 0.5), "k<=5 p=1": (5, 1.0), "k<=10 p=0.5": (10, 0.5),
-            "k<=10 p=1": (10, 1.0)}
+VARIANTS = {"off": 0, "k=1": 1, "k=5": 5, "k=10": 10}
 
 
 def main() -> None:

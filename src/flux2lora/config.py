@@ -264,13 +264,13 @@ class TrainParams(Section):
     # Scheduled sampling (rollout; train/rollout.py, SimpleTuner's names): with probability p a sample's input is the
     # model's own k Euler steps (k uniform in 0..max_step_offset, steps of 1/1000 of sigma) from a noisier point.
     # Off while max_step_offset is 0. p: scheduled_sampling_probability, or with ramp_steps > 0 a linear ramp from
-    # prob_start to prob_end over that many steps.
+    # prob_start to prob_end over that many steps. Rollouts take Euler steps (SimpleTuner's scheduled_sampling_sampler
+    # euler; its unipc / dpm / rk4 are not implemented).
     scheduled_sampling_max_step_offset: int = Field(0, ge=0)
     scheduled_sampling_probability: float = Field(0.0, ge=0.0, le=1.0)
     scheduled_sampling_ramp_steps: int = Field(0, ge=0)
     scheduled_sampling_prob_start: float = Field(0.0, ge=0.0, le=1.0)
     scheduled_sampling_prob_end: float = Field(0.5, ge=0.0, le=1.0)
-    scheduled_sampling_sampler: Literal["euler"] = "euler"  # SimpleTuner's unipc / dpm / rk4 are not implemented
 
     @model_validator(mode="after")
     def _one_training_length(self):

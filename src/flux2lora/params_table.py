@@ -182,7 +182,6 @@ TABLE: dict[str, Computes | str] = {
     "train.scheduled_sampling_ramp_steps": _TRAIN,
     "train.scheduled_sampling_prob_start": _TRAIN,
     "train.scheduled_sampling_prob_end": _TRAIN,
-    "train.scheduled_sampling_sampler": _TRAIN,
 
     # the prompt library's texts and the subject put into them are encoded by encode-text into prompt_embeds/,
     # which validate reads; the library file itself is a dependency of encode-text in dvc.yaml

@@ -415,7 +415,7 @@ def _rollout_offset(value, config):
 
 def _rollout_sampler(value, config):
     if str(value).strip().lower() == "euler":
-        return {"train.scheduled_sampling_sampler": "euler"}
+        raise NoEffect("euler: flux2lora's rollouts take Euler steps")
     if _int(config.get("scheduled_sampling_max_step_offset")) <= 0:
         raise NoEffect("scheduled sampling is off (scheduled_sampling_max_step_offset 0)")
     raise Refused(f"{value}: flux2lora's rollouts use Euler steps only; euler is used")

@@ -11,8 +11,8 @@ bring it down to sigma in k equal steps. The target stays noise - x0 and the los
 
 p(step): `scheduled_sampling_probability`, or with `scheduled_sampling_ramp_steps` > 0 the linear ramp from
 `scheduled_sampling_prob_start` to `scheduled_sampling_prob_end` over that many optimizer steps (SimpleTuner's
-defaults 0.0 and 0.5). `scheduled_sampling_sampler`: euler only (SimpleTuner's default is unipc; a multistep solver
-over a handful of steps is not implemented here, and other values are refused by the config).
+defaults 0.0 and 0.5). The solver is Euler's (SimpleTuner's `scheduled_sampling_sampler: euler`; its default unipc
+and its dpm / rk4 are not implemented: the importer refuses them and says Euler is used).
 
 The per-sample decisions (rollout or not, k) are drawn by `StepDraws.draw` from the run's checkpointed generator,
 after every other draw of the micro-batch and only while the feature is on: with it off the draws, and so the run,
