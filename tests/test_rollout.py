@@ -148,3 +148,8 @@ def test_a_rollout_run_killed_and_resumed_ends_bitwise_equal(tmp_path, monkeypat
     a = load_file(str(layout_for(straight, "outputs").lora_file))
     b = load_file(str(layout_for(killed, "outputs").lora_file))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the rollouts reached training: the same run without them ends elsewhere
+    off = copy_project(encoded, tmp_path / "off", **{"train.scheduled_sampling_max_step_offset": 0})
+    run_stage("train", off / "params.yaml")
+    c = load_file(str(layout_for(off, "outputs").lora_file))
+    assert not all(torch.equal(a[k], c[k]) for k in a)
