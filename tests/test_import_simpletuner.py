@@ -448,3 +448,57 @@ def test_eval_and_ema_keys_map_by_meaning(tmp_path, project):
     report, params = imported(tmp_path, project, {"eval_dataset_id": "held"})
     assert report.status()["config.json eval_dataset_id"] == "refused"
     assert params.validate_.eval_every_n_steps == 100  # unset: flux2lora's (the eval loss is on by default)
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({"flow_schedule_auto_shift": True}, "auto"),
+    ({"flow_schedule_auto_shift": True, "flow_schedule_shift": 0}, "auto"),
+    ({"flow_schedule_auto_shift": False, "flow_schedule_shift": 2.5}, 2.5),
+    ({"flow_schedule_shift": 0}, 1.0),  # SimpleTuner: no shift
+    ({}, 3.0),
+])
+def test_auto_shift_maps_to_the_resolution_dependent_shift(tmp_path, project, given, expected):
+    report, params = imported(tmp_path, project, given)
+    assert params.train.timestep_shift == expected
+    if expected == "auto":
+        assert any("compute_empirical_mu" in note for note in report.notes)
+
+
+def test_auto_shift_with_a_static_shift_stops_like_simpletuner(tmp_path, project):
+    with pytest.raises(ParamsError, match="cannot be combined"):
+        imported(tmp_path, project, {"flow_schedule_auto_shift": True, "flow_schedule_shift": 3.0})
+
+
+@pytest.mark.parametrize("given,expected,noted", [
+    ("adamw_bf16", "adamw_bf16", True), ("optimi-adamw", "adamw", False), ("bnb-adamw8bit", "adamw8bit", False),
+    ("ao-adamw8bit", "adamw8bit", True), ("optimi-lion", "lion", False), ("bnb-lion8bit", "lion", True),
+    ("optimi-stableadamw", "stableadamw", False), ("prodigy", "prodigy", False), (None, "adamw_bf16", False),
+])
+def test_optimizer_names_map_to_ours(tmp_path, project, given, expected, noted):
+    report, params = imported(tmp_path, project, {} if given is None else {"optimizer": given})
+    assert params.train.optimizer == expected and not params.train.use_8bit_adam
+    assert any(note.startswith("train.optimizer:") for note in report.notes) == noted
+
+
+def test_an_optimizer_we_lack_is_refused_and_simpletuners_default_used(tmp_path, project):
+    report, params = imported(tmp_path, project, {"optimizer": "soap"})
+    assert report.status()["config.json optimizer"] == "refused"
+    assert params.train.optimizer == "adamw_bf16"
+
+
+def test_scheduled_sampling_keys_map_by_name(tmp_path, project):
+    report, params = imported(tmp_path, project, {"scheduled_sampling_max_step_offset": 8,
+                                                  "scheduled_sampling_probability": 0.3,
+                                                  "scheduled_sampling_ramp_steps": 100,
+                                                  "scheduled_sampling_prob_end": 0.7,
+                                                  "scheduled_sampling_ramp_shape": "cosine",
+                                                  "scheduled_sampling_sampler": "unipc"})
+    cfg = params.train
+    assert (cfg.scheduled_sampling_max_step_offset, cfg.scheduled_sampling_probability,
+            cfg.scheduled_sampling_ramp_steps, cfg.scheduled_sampling_prob_start,
+            cfg.scheduled_sampling_prob_end) == (8, 0.3, 100, 0.0, 0.7)
+    assert any("unipc" in note for note in report.notes)  # SimpleTuner's default solver, ours takes Euler steps
+    assert report.status()["config.json scheduled_sampling_ramp_shape"] == "refused"
+    assert report.status()["config.json scheduled_sampling_sampler"] == "refused"  # unipc: Euler is used
+    report, params = imported(tmp_path, project, {})
+    assert params.train.scheduled_sampling_max_step_offset == 0  # off, as SimpleTuner's default

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -187,7 +187,10 @@ class TrainParams(Section):
     num_train_epochs: int | None = Field(None, ge=1)
     train_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)  # micro-batches per optimizer step
-    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit (CUDA)
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: the older name of optimizer: adamw8bit
+    # adamw (torch), adamw8bit (bitsandbytes), adamw_bf16 / lion / stableadamw (torch-optimi), prodigy (prodigyopt):
+    # train/optimizers.py. All read learning_rate, adam_beta1/2, adam_weight_decay (and adam_epsilon, not lion).
+    optimizer: Literal["adamw", "adamw8bit", "adamw_bf16", "lion", "stableadamw", "prodigy"] = "adamw"
     max_grad_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     # norm: gradients scaled so that their total L2 norm is at most max_grad_norm; value: each gradient element
     # clamped to [-max_grad_norm, max_grad_norm] (SimpleTuner's default).
@@ -210,7 +213,12 @@ class TrainParams(Section):
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    timestep_shift: float = Field(3.0, gt=0)
+    # A number: the static shift above. auto: FLUX.2's resolution-dependent shift at inference (diffusers'
+    # compute_empirical_mu of the batch's image tokens and timestep_shift_inference_steps; train/timesteps.py).
+    timestep_shift: Annotated[float, Field(gt=0)] | Literal["auto"] = 3.0
+    timestep_shift_inference_steps: int = Field(50, ge=1)  # auto: the num_steps of compute_empirical_mu
+    # Loss weighting per sample: none (plain MSE), or diffusers' compute_loss_weighting_for_sd3 sigma_sqrt / cosmap.
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     # Weights of the frozen transformer's blocks: no_change (base_model_default_dtype), optimum-quanto int8/int4,
     # or torchao float8 (GPUs with compute capability 8.9+: Ada, Hopper, Blackwell).
     base_model_precision: Literal["no_change", "int8-quanto", "int4-quanto", "fp8-torchao"] = "no_change"
@@ -253,6 +261,16 @@ class TrainParams(Section):
     ema_decay: float = Field(0.995, gt=0.0, lt=1.0)
     ema_update_interval: int = Field(1, ge=1)
     ema_export: Literal["ema", "raw"] = "ema"
+    # Scheduled sampling (rollout; train/rollout.py, SimpleTuner's names): with probability p a sample's input is the
+    # model's own k Euler steps (k uniform in 0..max_step_offset, steps of 1/1000 of sigma) from a noisier point.
+    # Off while max_step_offset is 0. p: scheduled_sampling_probability, or with ramp_steps > 0 a linear ramp from
+    # prob_start to prob_end over that many steps. Rollouts take Euler steps (SimpleTuner's scheduled_sampling_sampler
+    # euler; its unipc / dpm / rk4 are not implemented).
+    scheduled_sampling_max_step_offset: int = Field(0, ge=0)
+    scheduled_sampling_probability: float = Field(0.0, ge=0.0, le=1.0)
+    scheduled_sampling_ramp_steps: int = Field(0, ge=0)
+    scheduled_sampling_prob_start: float = Field(0.0, ge=0.0, le=1.0)
+    scheduled_sampling_prob_end: float = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_training_length(self):
@@ -282,6 +300,13 @@ class TrainParams(Section):
         if self.use_dora and self.enable_group_offload:
             raise ValueError("train.use_dora with enable_group_offload is not supported (not tested: DoRA reads the "
                              "offloaded base weights in every step); switch one off")
+        return self
+
+    @model_validator(mode="after")
+    def _one_optimizer(self):
+        if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
+            raise ValueError(f"train: use_8bit_adam (AdamW8bit) and optimizer {self.optimizer!r} are both set: "
+                             "remove use_8bit_adam (optimizer: adamw8bit is its name now)")
         return self
 
     @model_validator(mode="after")

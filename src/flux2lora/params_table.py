@@ -128,6 +128,7 @@ TABLE: dict[str, Computes | str] = {
     "train.train_batch_size": _TRAIN,
     "train.gradient_accumulation_steps": _TRAIN,
     "train.use_8bit_adam": _TRAIN,
+    "train.optimizer": _TRAIN,
     "train.max_grad_norm": _TRAIN,
     "train.grad_clip_method": _TRAIN,
     "train.mixed_precision": _TRAIN,
@@ -137,6 +138,8 @@ TABLE: dict[str, Computes | str] = {
     "train.logit_std": _TRAIN,
     "train.mode_scale": _TRAIN,
     "train.timestep_shift": _TRAIN,
+    "train.timestep_shift_inference_steps": _TRAIN,
+    "train.loss_weighting": _TRAIN,
     # quantized weights change the forward's numbers (the LoRA learns against them)
     "train.base_model_precision": _TRAIN,
     "train.tread_config": _TRAIN,
@@ -173,6 +176,12 @@ TABLE: dict[str, Computes | str] = {
     "train.ema_decay": _TRAIN,
     "train.ema_update_interval": _TRAIN,
     "train.ema_export": _TRAIN,
+    # scheduled sampling changes the inputs the LoRA trains on
+    "train.scheduled_sampling_max_step_offset": _TRAIN,
+    "train.scheduled_sampling_probability": _TRAIN,
+    "train.scheduled_sampling_ramp_steps": _TRAIN,
+    "train.scheduled_sampling_prob_start": _TRAIN,
+    "train.scheduled_sampling_prob_end": _TRAIN,
 
     # the prompt library's texts and the subject put into them are encoded by encode-text into prompt_embeds/,
     # which validate reads; the library file itself is a dependency of encode-text in dvc.yaml

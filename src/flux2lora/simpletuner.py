@@ -277,17 +277,32 @@ def _precision(target: str, table: dict):
     return apply
 
 
-ADAMW = ("adamw_bf16", "adamw", "optimi-adamw", "bnb-adamw", "torch-adamw")
-ADAMW_8BIT = ("bnb-adamw8bit", "ao-adamw8bit", "bnb-adamw8bit-paged", "bnb-adamw-paged")
+# SimpleTuner's optimizer names (its OPTIONS.md list) -> ours (train/optimizers.py), and why where not the same.
+OPTIMIZERS = {
+    "adamw_bf16": ("adamw_bf16", "bf16 weights; here torch-optimi's Kahan summation where SimpleTuner rounds "
+                   "stochastically"),
+    "optimi-adamw": ("adamw", None), "adamw": ("adamw", None), "torch-adamw": ("adamw", None),
+    "bnb-adamw": ("adamw", None), "bnb-adamw-paged": ("adamw", None),
+    "bnb-adamw8bit": ("adamw8bit", None), "bnb-adamw8bit-paged": ("adamw8bit", None),
+    "ao-adamw8bit": ("adamw8bit", "torchao's 8-bit AdamW is trained as bitsandbytes' AdamW8bit, the 8-bit AdamW "
+                     "flux2lora has"),
+    "optimi-lion": ("lion", None), "bnb-lion": ("lion", None), "bnb-lion-paged": ("lion", None),
+    "bnb-lion8bit": ("lion", "bitsandbytes' 8-bit Lion is trained as torch-optimi's Lion (32-bit states)"),
+    "bnb-lion8bit-paged": ("lion", "bitsandbytes' 8-bit Lion is trained as torch-optimi's Lion (32-bit states)"),
+    "optimi-stableadamw": ("stableadamw", None),
+    "prodigy": ("prodigy", None),
+}
 
 
 def _optimizer(value, config):
-    if value in ADAMW:
-        return {"train.use_8bit_adam": False}
-    if value in ADAMW_8BIT:
-        return {"train.use_8bit_adam": True}
-    raise Refused(f"flux2lora trains with AdamW only (torch, or bitsandbytes 8-bit): {value} is not available; "
-                  "AdamW with the adam_* keys is used")
+    name = str(value).strip().lower()
+    if name not in OPTIMIZERS:
+        raise Refused(f"{value} is not available here (flux2lora has adamw, adamw8bit, adamw_bf16, lion, "
+                      "stableadamw, prodigy)")
+    ours, note = OPTIMIZERS[name]
+    if note:
+        config.setdefault("__notes__", []).append(f"train.optimizer: SimpleTuner's {name} is {ours} here: {note}")
+    return {"train.optimizer": ours, "train.use_8bit_adam": False}
 
 
 def _seed(value, config):
@@ -373,6 +388,46 @@ def _only_instance_prompt(value, config):
     if not _truthy(value):
         raise NoEffect("false: captions come from caption_strategy")
     return {"prepare.caption_strategy": "instanceprompt"}
+
+
+def _auto_shift(value, config):
+    if not _truthy(value):
+        raise NoEffect("false: the static flow_schedule_shift")
+    shift = config.get("flow_schedule_shift")
+    if shift is not None and float(shift) > 0:
+        raise Stop("flow_schedule_auto_shift with flow_schedule_shift > 0: SimpleTuner refuses to start ('cannot be "
+                   "combined with --flow_schedule_shift'); set flow_schedule_shift to 0 or drop auto_shift")
+    config.setdefault("__notes__", []).append(
+        "train.timestep_shift: auto is FLUX.2's own resolution-dependent shift at inference (diffusers' "
+        "compute_empirical_mu of the image tokens); SimpleTuner's auto_shift computes mu with FLUX.1's linear "
+        "calculate_shift (0.5 at 256 tokens to 1.15 at 4096), a smaller shift: the nearest flux2lora has")
+    return {"train.timestep_shift": "auto"}
+
+
+def _rollout_offset(value, config):
+    offset = _int(value)
+    if offset > 0 and str(config.get("scheduled_sampling_sampler", "unipc")).strip().lower() != "euler":
+        config.setdefault("__notes__", []).append(
+            "train.scheduled_sampling_sampler: SimpleTuner rolls out with unipc unless told otherwise; flux2lora's "
+            "rollouts take Euler steps")
+    return {"train.scheduled_sampling_max_step_offset": max(0, offset)}
+
+
+def _rollout_sampler(value, config):
+    if str(value).strip().lower() == "euler":
+        raise NoEffect("euler: flux2lora's rollouts take Euler steps")
+    if _int(config.get("scheduled_sampling_max_step_offset")) <= 0:
+        raise NoEffect("scheduled sampling is off (scheduled_sampling_max_step_offset 0)")
+    raise Refused(f"{value}: flux2lora's rollouts use Euler steps only; euler is used")
+
+
+def _flow_schedule_shift(value, config):
+    if _truthy(config.get("flow_schedule_auto_shift", False)):
+        raise NoEffect("flow_schedule_auto_shift is set: the shift depends on the resolution")
+    shift = float(value)
+    if shift <= 0:
+        return {"train.timestep_shift": 1.0}  # SimpleTuner applies no shift for 0 without auto_shift
+    return {"train.timestep_shift": shift}
 
 
 def _uniform(value, config):
@@ -472,7 +527,8 @@ SEED_KEYS: dict[str, SeedKey] = {
     "lr_power": to("train.lr_power", "polynomial decay exponent", 0.8),
     "lr_num_cycles": no_effect("cycles of diffusers' cosine_with_restarts",
                                "SimpleTuner's own cosine_with_restarts never reads it"),
-    "optimizer": SeedKey("optimizer", _optimizer, "adamw_bf16", {"train.use_8bit_adam": False}),
+    "optimizer": SeedKey("optimizer", _optimizer, "adamw_bf16",
+                         {"train.optimizer": "adamw_bf16", "train.use_8bit_adam": False}),
     "adam_beta1": to("train.adam_beta1", "AdamW beta1", 0.9),
     "adam_beta2": to("train.adam_beta2", "AdamW beta2", 0.999),
     "adam_weight_decay": to("train.adam_weight_decay", "AdamW weight decay", 1e-2),
@@ -491,14 +547,34 @@ SEED_KEYS: dict[str, SeedKey] = {
     "gradient_checkpointing_interval": refuse("checkpoint every n-th block",
                                               "not supported; use train.gradient_checkpointing_blocks"),
     "seed": SeedKey("training seed (unset, 0, -1: random each run)", _seed, None, {"train.seed": 42}),
-    "flow_schedule_shift": to("train.timestep_shift", "static sigma shift s*t/(1+(s-1)*t)", 3.0),
-    "flow_schedule_auto_shift": refuse("resolution-dependent shift", "not supported: a static timestep_shift is used"),
+    "flow_schedule_shift": SeedKey("static sigma shift s*t/(1+(s-1)*t) (0: none, or auto_shift's)",
+                                   _flow_schedule_shift, 3.0,
+                                   lambda config: {} if _truthy(config.get("flow_schedule_auto_shift", False))
+                                   else {"train.timestep_shift": 3.0}),
+    "flow_schedule_auto_shift": SeedKey("resolution-dependent shift (larger images: larger shift)", _auto_shift, False),
     "flow_sigmoid_scale": to("train.logit_std", "sigma = sigmoid(scale * N(0,1)): logit-normal with std scale", 1.0,
                              ours={"train.logit_std": 1.0, "train.logit_mean": 0.0,
                                    "train.weighting_scheme": "logit_normal"}),
     "flow_use_uniform_schedule": SeedKey("sigma ~ U(0, 1)", _uniform),
     "flow_use_beta_schedule": refuse("sigma ~ Beta(alpha, beta)", "not supported (logit_normal, uniform, mode)"),
     "flux_fast_schedule": refuse("fast timestep schedule", "not supported"),
+    # scheduled sampling (rollout): the same names and meaning (train/rollout.py)
+    "scheduled_sampling_max_step_offset": SeedKey("longest rollout in steps (0: off)", _rollout_offset, 0,
+                                                  {"train.scheduled_sampling_max_step_offset": 0}),
+    "scheduled_sampling_probability": to("train.scheduled_sampling_probability", "share of samples rolled out", 0.0),
+    "scheduled_sampling_ramp_steps": to("train.scheduled_sampling_ramp_steps",
+                                        "linear ramp of the probability over N steps (0: none)", 0),
+    "scheduled_sampling_prob_start": to("train.scheduled_sampling_prob_start", "the ramp's first probability", 0.0),
+    "scheduled_sampling_prob_end": to("train.scheduled_sampling_prob_end", "the ramp's last probability", 0.5),
+    "scheduled_sampling_sampler": SeedKey("rollout solver (unipc, euler, dpm, rk4)", _rollout_sampler, "unipc"),
+    "scheduled_sampling_start_step": refuse("first step of the ramp", "not supported: the ramp starts at step 0",
+                                            harmless=(0, None)),
+    "scheduled_sampling_ramp_shape": refuse("ramp shape", "not supported: the ramp is linear",
+                                            harmless=("linear", None)),
+    "scheduled_sampling_strategy": refuse("how rollout lengths are drawn", "not supported: k is uniform",
+                                          harmless=("uniform", None)),
+    **{key: refuse("ReflexFlow exposure-bias terms", "not supported", harmless=(False, None, "false"))
+       for key in ("scheduled_sampling_reflexflow",)},
     "caption_dropout_probability": to("train.caption_dropout_probability", "share trained on the empty prompt",
                                       0.1),
     "conditioning_multidataset_sampling": to("train.conditioning_multidataset_sampling",

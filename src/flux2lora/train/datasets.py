@@ -3,7 +3,8 @@
 
 - A **mask** weights each target token's squared error by its mask value m in [0, 1] (`cache.masks`: the share of
   the token's 16x16 pixels the mask keeps): loss = mean over samples, tokens and channels of m * (pred - target)^2,
-  so a sample without a mask (m = 1) scores as in plain training, and a masked-out region teaches nothing.
+  so a sample without a mask (m = 1) scores as in plain training, and a masked-out region teaches nothing
+  (computed with train.loss_weighting's sigma weights in `timesteps.weighted_flow_loss`).
 - A **regularisation** sample's target is the base model's own prediction for the same noisy input, prompt, sigma
   and references, with the adapter disabled (peft's adapter layers switched off, as peft's `disable_adapter()`
   context does for a PeftModel; here through diffusers' `disable_adapters()` on the transformer the LoRA was
@@ -18,7 +19,6 @@ import contextlib
 
 import torch
 
-from ..latents import pack
 from .forward import predict
 
 
@@ -51,22 +51,11 @@ def base_prediction(model, noisy: torch.Tensor, batch, generator: torch.Generato
                        dtype=dtype)
 
 
-def masked_mse(prediction: torch.Tensor, target: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """mean(m * (prediction - target)^2) over (B, h*w, C) tokens; loss_mask (B, h, w) gives m per token (None: 1)."""
-    squared = (prediction.float() - target.float()) ** 2
-    if loss_mask is None:
-        return squared.mean()
-    weights = pack(loss_mask.unsqueeze(1).float())  # (B, h*w, 1): the tokens' order of pack()
-    return (squared * weights).mean()
-
-
-def weighted_objective(model, batch, noisy: torch.Tensor, generator: torch.Generator | None,
-                       dtype: torch.dtype) -> torch.Tensor:
-    """flow_matching_loss for a micro-batch with masks and/or regularisation samples (called inside its autocast)."""
-    target = pack(batch.noise - batch.x0).float()
-    if batch.regularisation is not None and bool(batch.regularisation.any()):
-        base = base_prediction(model, noisy, batch, generator, dtype).float()
-        target = torch.where(batch.regularisation.view(-1, 1, 1).to(target.device), base, target)
-    prediction = predict(model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance, batch.references,
-                         generator, dtype=dtype)
-    return masked_mse(prediction, target, batch.loss_mask)
+def regularisation_target(model, batch, noisy: torch.Tensor, target: torch.Tensor,
+                          generator: torch.Generator | None, dtype: torch.dtype) -> torch.Tensor:
+    """The micro-batch's targets (B, h*w, 128) with the regularisation samples' replaced by the base model's
+    prediction (called inside the loss's autocast)."""
+    if not bool(batch.regularisation.any()):
+        return target
+    base = base_prediction(model, noisy, batch, generator, dtype).float()
+    return torch.where(batch.regularisation.view(-1, 1, 1).to(target.device), base, target)

@@ -20,6 +20,8 @@ from ..config import TrainParams
 from ..data.captions import caption_choice
 from ..data.sampling import BucketBatches
 from .forward import pick_references
+from .rollout import draw_offsets
+from .rollout import enabled as rollout_enabled
 from .step import MicroBatch, sample_sigmas
 
 
@@ -97,6 +99,7 @@ class Draws:
     sigmas: torch.Tensor
     guidance: torch.Tensor | None
     references: list[list[str]] | None
+    rollout: torch.Tensor | None = None  # scheduled sampling's rollout lengths (B,), when it is on
 
 
 class StepDraws:
@@ -129,13 +132,18 @@ class StepDraws:
         """The random choices for `batch`, in their fixed order; only the latents' shape is needed for them."""
         cfg, g = self.cfg, self.generator
         dropped = (torch.rand(len(batch), generator=g) < cfg.caption_dropout_probability).tolist()
-        noise = torch.randn(self._latent_shape(batch), generator=g)
-        sigmas = sample_sigmas(cfg, len(batch), g)
+        shape = self._latent_shape(batch)
+        noise = torch.randn(shape, generator=g)
+        sigmas = sample_sigmas(cfg, len(batch), g, image_seq_len=shape[-2] * shape[-1])  # tokens: (H/16)*(W/16)
         guidance = guidance_values(cfg, len(batch), g) if self.guidance else None
         references = None
         if any(sample.reference_keys for sample in batch):
             references = pick_references([s.reference_keys for s in batch], cfg.conditioning_multidataset_sampling, g)
-        return Draws(index, dropped, noise, sigmas, guidance, references)
+        rollout = None
+        if rollout_enabled(cfg):  # last, and only when on: with it off the draws are exactly as before
+            step = index // (cfg.gradient_accumulation_steps * self.processes)
+            rollout = draw_offsets(cfg, len(batch), step, g)
+        return Draws(index, dropped, noise, sigmas, guidance, references, rollout)
 
     def materialise(self, batch: list[Sample], draws: Draws) -> MicroBatch:
         """The cached latents and embeddings of `batch` with its draws, on the training device."""
@@ -156,7 +164,7 @@ class StepDraws:
             regularisation = torch.tensor([s.regularisation for s in batch], device=self.device)
         return MicroBatch(x0, prompt_embeds, draws.noise.to(self.device), draws.sigmas.to(self.device),
                           None if draws.guidance is None else draws.guidance.to(self.device), references,
-                          loss_mask, regularisation)
+                          loss_mask=loss_mask, regularisation=regularisation, rollout_offsets=draws.rollout)
 
     def _latent_shape(self, batch: list[Sample]) -> tuple[int, ...]:
         # a batch is one bucket (W, H): its latents are (128, H/16, W/16); without a recorded bucket, read them

@@ -42,6 +42,7 @@ from .draws import StepDraws, load_samples, routing_generator, total_steps
 from .evaluation import EvaluationLoss, split_for_evaluation
 from .lora import add_lora, lora_state_dict, save_diffusers_lora, targets_description, training_targets
 from .model import build_training_model
+from .rollout import apply_rollouts, rollout_model
 from .schedules import build_lr_scheduler
 from .step import TrainingDiverged, TrainingStep, make_optimizer
 
@@ -210,6 +211,7 @@ class LoRATrainingRecipe:
         # the best eval loss so far (best_eval, early stopping) travels in every checkpoint
         self.selection = self.evaluation.selection if self.evaluation is not None else None
         self.ema = AdapterEMA.for_training(self.training_step.lora_params, cfg)  # train.use_ema
+        self.rollout_model = rollout_model(self.transformer, cfg, self.accelerator)  # scheduled sampling
         self.state = TrainingState(self.transformer, self.training_step, self.draws, self.accelerator,
                                    extras=tuple(x for x in (self.selection, self.ema) if x is not None))
         # Every validate.validation_step_interval steps (None when unset); the final step is the validate stage's.
@@ -258,7 +260,7 @@ class LoRATrainingRecipe:
         self.training_step = TrainingStep(model, lora_params, optimizer, scheduler,
                                           mixed_precision=cfg.mixed_precision, max_grad_norm=cfg.max_grad_norm,
                                           device=self.device, dtype=transformer.dtype, accelerator=self.accelerator,
-                                          grad_clip_method=cfg.grad_clip_method)
+                                          grad_clip_method=cfg.grad_clip_method, loss_weighting=cfg.loss_weighting)
 
     # -- resume
 
@@ -286,6 +288,9 @@ class LoRATrainingRecipe:
         for step in progress:
             t0 = time.perf_counter()
             micro_batches = self.draws.micro_batches(step)
+            if self.rollout_model is not None:  # scheduled sampling: the model's own inputs (train/rollout.py)
+                apply_rollouts(micro_batches, self.rollout_model, self.training_step.autocast_dtype,
+                               self.transformer.dtype)
             try:
                 loss, grad_norm = self.training_step(micro_batches, routing_generator(cfg.seed, step, self.rank),
                                                      step + 1)

@@ -16,17 +16,19 @@ from ..config import TrainParams
 from ..errors import UserError
 from ..latents import pack
 from .forward import predict
+from .timesteps import shift_sigmas, weighted_flow_loss
 
 
-def sample_sigmas(cfg: TrainParams, batch: int, generator: torch.Generator) -> torch.Tensor:
-    """sigma in (0, 1) per sample: diffusers' density sampling, then the shift s*sigma / (1 + (s-1)*sigma)."""
+def sample_sigmas(cfg: TrainParams, batch: int, generator: torch.Generator,
+                  image_seq_len: int | None = None) -> torch.Tensor:
+    """sigma in (0, 1) per sample: diffusers' density sampling, then train.timestep_shift (static, or FLUX.2's
+    resolution-dependent shift for `image_seq_len` image tokens: `timesteps.shift_sigmas`)."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     u = compute_density_for_timestep_sampling(cfg.weighting_scheme, batch, logit_mean=cfg.logit_mean,
                                               logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
                                               generator=generator)
-    s = cfg.timestep_shift
-    return (s * u / (1 + (s - 1) * u)).clamp(1e-5, 1.0)
+    return shift_sigmas(cfg, u, image_seq_len).clamp(1e-5, 1.0)
 
 
 class TrainingDiverged(UserError, RuntimeError):
@@ -47,25 +49,32 @@ class MicroBatch:
     references: list[list[torch.Tensor]] | None = None
     loss_mask: torch.Tensor | None = None  # (B, h, w) weights per latent token in [0, 1] (mask datasets)
     regularisation: torch.Tensor | None = None  # (B,) bool: target = the base model's prediction (adapter off)
+    rollout_offsets: torch.Tensor | None = None  # scheduled sampling: per-sample rollout length (B,), rollout.py
+    noisy: torch.Tensor | None = None  # the input x_t when it is not the forward process's (scheduled sampling)
 
 
 def flow_matching_loss(model, batch: MicroBatch, device: torch.device, autocast_dtype: torch.dtype | None,
-                       dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+                       dtype: torch.dtype, generator: torch.Generator | None = None,
+                       loss_weighting: str = "none") -> torch.Tensor:
     """The training objective of one micro-batch, a scalar: x_t = (1 - sigma) * x0 + sigma * noise, the model's
     prediction for x_t against noise - x0, MSE over every element (target tokens only). Training and the
     evaluation loss both compute it here, so they score the same objective.
 
-    autocast_dtype: mixed precision's (None: float32); dtype: the transformer's weight dtype."""
+    autocast_dtype: mixed precision's (None: float32); dtype: the transformer's weight dtype. loss_weighting:
+    train.loss_weighting (sigma_sqrt / cosmap: diffusers' per-sample weights, `timesteps.weighted_flow_loss`)."""
     s = batch.sigmas.view(-1, 1, 1, 1)
-    noisy = (1.0 - s) * batch.x0 + s * batch.noise
+    noisy = (1.0 - s) * batch.x0 + s * batch.noise if batch.noisy is None else batch.noisy
+    target = pack(batch.noise - batch.x0).float()
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        if batch.regularisation is not None or batch.loss_mask is not None:  # datasets.py: masks, regularisation
-            from .datasets import weighted_objective
+        if batch.regularisation is not None:  # datasets.py: those samples' target is the base model's prediction
+            from .datasets import regularisation_target
 
-            return weighted_objective(model, batch, noisy, generator, dtype)
+            target = regularisation_target(model, batch, noisy, target, generator, dtype)
         prediction = predict(model, noisy, batch.prompt_embeds, batch.sigmas, batch.guidance, batch.references,
                              generator, dtype=dtype)
-    return torch.nn.functional.mse_loss(prediction.float(), pack(batch.noise - batch.x0).float())
+    if loss_weighting != "none" or batch.loss_mask is not None:  # per-sample sigma weights, per-token mask weights
+        return weighted_flow_loss(prediction.float(), target, batch.sigmas, loss_weighting, batch.loss_mask)
+    return torch.nn.functional.mse_loss(prediction.float(), target)
 
 
 class TrainingStep:
@@ -78,7 +87,8 @@ class TrainingStep:
 
     def __init__(self, model, lora_params: list[torch.nn.Parameter], optimizer, scheduler, *,
                  mixed_precision: str = "no", max_grad_norm: float = 1.0, router=None, device=None,
-                 dtype: torch.dtype | None = None, accelerator=None, grad_clip_method: str = "norm"):
+                 dtype: torch.dtype | None = None, accelerator=None, grad_clip_method: str = "norm",
+                 loss_weighting: str = "none"):
         from .model import TrainingModel
 
         if hasattr(model, "transformer_blocks"):  # a bare transformer
@@ -95,10 +105,12 @@ class TrainingStep:
         self.clip_by_value = grad_clip_method == "value"
         self.accelerator = accelerator
         self.distributed = accelerator is not None and accelerator.num_processes > 1
+        self.loss_weighting = loss_weighting
 
     def loss(self, batch: MicroBatch, generator: torch.Generator | None = None) -> torch.Tensor:
         """The flow-matching loss of one micro-batch (graph kept for backward)."""
-        return flow_matching_loss(self.model, batch, self.device, self.autocast_dtype, self.dtype, generator)
+        return flow_matching_loss(self.model, batch, self.device, self.autocast_dtype, self.dtype, generator,
+                                  self.loss_weighting)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
@@ -171,15 +183,7 @@ class TrainingStep:
 
 
 def make_optimizer(lora_params, cfg, device: torch.device):
-    """AdamW over the LoRA parameters: fused kernels on CUDA and CPU; 8-bit (bitsandbytes) when asked and
-    installed."""
-    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
-                  eps=cfg.adam_epsilon)
-    if getattr(cfg, "use_8bit_adam", False):
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ValueError("train.use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(lora_params, **kwargs)
-    # fused kernels exist for CUDA and CPU; elsewhere (mps, xpu builds without them) the foreach implementation
-    return torch.optim.AdamW(lora_params, fused=device.type in ("cuda", "cpu"), **kwargs)
+    """The optimizer of train.optimizer over the LoRA parameters (`optimizers.build_optimizer`)."""
+    from .optimizers import build_optimizer
+
+    return build_optimizer(lora_params, cfg, device)
