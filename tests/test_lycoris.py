@@ -261,7 +261,7 @@ def _killed_and_resumed(root, tag):
 def test_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(encoded_klein, tmp_path, kind, extra):
     """The adapter's tensors are checkpointed and restored: the resumed run's file equals the straight one's bit
     for bit (CPU)."""
-    params = {"train.lora_type": kind, **extra, "train.max_train_steps": 40, "train.checkpointing_steps": 5,
+    params = {"train.lora_type": kind, **extra, "train.max_train_steps": 16, "train.checkpointing_steps": 5,
               "train.checkpoints_total_limit": 2}
     straight = copy_project(encoded_klein, tmp_path / "straight", **params)
     run_stage("train", straight / "params.yaml")
@@ -277,7 +277,6 @@ def test_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(encoded_klei
 
 @pytest.mark.parametrize("train,match", [
     ({"lora_type": "lokr", "use_dora": True}, "use_dora with lora_type lokr"),
-    ({"lora_type": "loha", "base_model_precision": "int8-quanto"}, "lora_type loha with base_model_precision"),
     ({"lora_type": "lokr", "lora_dropout": 0.1}, "lora_dropout with lora_type lokr"),
     ({"lora_type": "loha", "lycoris_config": {"factor": 4}}, "lycoris_config configures LoKr"),
     ({"lycoris_config": {"factor": 4}}, "lora_type is lora"),
@@ -305,3 +304,68 @@ def test_lokr_factorisation_options_follow_lycoris(tmp_path):
     add_lora(transformer, 1, 8, 0.0, targets, kind="lokr", lycoris=LycorisConfig(factor=4, decompose_both=True))
     layer = transformer.get_submodule(targets[0])
     assert "default" in layer.lokr_w1_a and layer.lokr_w1_a["default"].shape[0] == 4  # w1 (4, 4) as w1_a @ w1_b
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [{"train.lora_type": "lokr"}, {"train.use_dora": True}], ids=["lokr", "dora"])
+def test_two_ddp_processes_train_and_resume_after_a_fault_bitwise(tmp_path, monkeypatch, extra):
+    """DDP on two CPU processes (gloo, as tests/test_distributed.py): the adapter's gradients are all-reduced like a
+    LoRA's. FLUX2LORA_FAULT fails a process after step 2's checkpoint; the relaunch resumes from it and ends
+    bitwise equal to an uninterrupted two-process run."""
+    import logging
+    import shutil
+
+    from helpers import REPO
+    from tasks.launch import LaunchFailed, launch_train
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    logger = logging.getLogger("test.ddp")
+    template = make_project(tmp_path / "template", git=False, images=4,
+                            **{**BASE, "train.max_train_steps": 4, "train.checkpointing_steps": 2,
+                               "train.train_batch_size": 1, "train.mixed_precision": "no",
+                               "runtime.num_processes": 2, **extra})
+    shutil.copytree(REPO / "infra", template / "infra")
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, template / "params.yaml")
+    straight, faulted = tmp_path / "straight", tmp_path / "faulted"
+    shutil.copytree(template, straight, symlinks=True)
+    shutil.copytree(template, faulted, symlinks=True)
+    assert launch_train(straight, load_params(straight / "params.yaml"), logger)["processes"] == 2
+    monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=2")
+    with pytest.raises(LaunchFailed, match="exited with code"):
+        launch_train(faulted, load_params(faulted / "params.yaml"), logger)
+    monkeypatch.delenv("FLUX2LORA_FAULT")
+    assert launch_train(faulted, load_params(faulted / "params.yaml"), logger)["resumed_from_step"] == 2
+    a = load_file(straight / "outputs/lora/pytorch_lora_weights.safetensors")
+    b = load_file(faulted / "outputs/lora/pytorch_lora_weights.safetensors")
+    tag = "lokr_w1" if "train.lora_type" in extra else "lora_magnitude_vector"
+    assert a.keys() == b.keys() and any(tag in k for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto", "fp8-torchao"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_lokr_and_loha_train_on_a_quantized_base(tmp_path_factory, precision, kind):
+    """peft wraps the quantized Linear layers (quanto's QLinear and torchao's float8 weights are torch Linears): each
+    adapted layer computes base(x) + x dW^T and its factors get gradients, the frozen weights none."""
+    from flux2lora.config import ModelParams
+    from flux2lora.models import load_training_transformer
+    from flux2lora.tiny import make_tiny_model
+    from flux2lora.train.lora import add_lora, target_modules
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("q") / "model", "klein-4b")
+    model = ModelParams(model_flavour="tiny-klein-4b", pretrained_model_name_or_path=str(folder),
+                        base_model_default_dtype="fp32")
+    transformer = load_training_transformer(model, torch.device("cpu"), precision, quantize_via="cpu")
+    params = add_lora(transformer, 4, 8, 0.0, target_modules(transformer, "all"), kind=kind)
+    g = torch.Generator().manual_seed(0)
+    for p in params:  # as after training: the factors that start at 0 moved
+        p.data = torch.randn(p.shape, generator=g) * 0.1
+    layer = transformer.get_submodule("single_transformer_blocks.0.attn.to_qkv_mlp_proj")
+    x = torch.randn(3, layer.in_features, generator=g)
+    out = layer(x)
+    expected = layer.get_base_layer()(x) + x @ layer.get_delta_weight("default").T
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in layer.named_parameters()
+               if p.requires_grad)

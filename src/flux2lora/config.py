@@ -331,10 +331,6 @@ class TrainParams(Section):
             raise ValueError(f"train.lora_init_type with lora_type {kind}: it picks LoRA's A initialisation; "
                              f"{kind} starts from peft's own (the second factor 0, so the adapter adds nothing at "
                              "step 0): remove it")
-        if self.base_model_precision != "no_change":
-            raise ValueError(f"train.lora_type {kind} with base_model_precision {self.base_model_precision}: "
-                             f"peft's {kind} layers wrap only plain torch Linear layers (quantized ones are refused "
-                             "by peft); train on an unquantized base (no_change) or use lora_type: lora")
         return self
 
     @model_validator(mode="after")
