@@ -321,7 +321,7 @@ def test_yaml_1_1_words_stay_strings(tmp_path, project):
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["mixed_precision"] == "no"
 
 
-@pytest.mark.parametrize("config,match", [({"lora_type": "lycoris"}, "standard PEFT LoRAs"),
+@pytest.mark.parametrize("config,match", [({"lora_type": "lycoris"}, "lycoris_config file"),
                                           ({"model_type": "full"}, "LoRAs only"),
                                           ({"controlnet": True}, "ControlNets"),
                                           ({"model_family": "sdxl"}, "FLUX.2 only")])

@@ -161,6 +161,7 @@ def test_trained_adapter_loads_to_the_trained_weights_in_diffusers_peft_and_comf
     report = inspect_adapter(lora_file)
     assert (report.kind, report.layout, len(report.modules)) == (kind, "diffusers", len(recipe.targets))
     assert not report.unmatched_keys and not report.shape_mismatches
+    assert all(m.alpha is not None for m in report.modules)  # from the peft config's alpha / alpha_pattern
 
     # the consumer's loader: diffusers' load_lora_weights (LoKr) / peft (LoHa)
     pipe_cls = Flux2KleinPipeline if params.model.flavour.is_klein else Flux2Pipeline
@@ -241,11 +242,11 @@ def encoded_klein(tmp_path_factory):
 def _killed_and_resumed(root, tag):
     proc = subprocess.Popen([sys.executable, "-m", "flux2lora.cli", "stage", "train"], cwd=root, env=project_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = root / "outputs/checkpoints/step-000010"
+    checkpoint = root / "outputs/checkpoints/step-000006"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
-    assert checkpoint.exists(), "training never reached its step-10 checkpoint"
+    assert checkpoint.exists(), "training never reached its step-6 checkpoint"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
@@ -254,21 +255,20 @@ def _killed_and_resumed(root, tag):
 
 
 @pytest.mark.parametrize("kind,extra", [("lokr", {}), ("loha", {}),
-                                        ("lora", {"train.use_dora": True}),
                                         ("lora", {"train.use_dora": True, "train.tread_config": {"routes": [
                                             {"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}})],
-                         ids=["lokr", "loha", "dora", "dora-tread"])
+                         ids=["lokr", "loha", "dora-tread"])  # plain DoRA: tests/test_dora.py
 def test_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(encoded_klein, tmp_path, kind, extra):
     """The adapter's tensors are checkpointed and restored: the resumed run's file equals the straight one's bit
     for bit (CPU)."""
-    params = {"train.lora_type": kind, **extra, "train.max_train_steps": 16, "train.checkpointing_steps": 5,
+    params = {"train.lora_type": kind, **extra, "train.max_train_steps": 8, "train.checkpointing_steps": 3,
               "train.checkpoints_total_limit": 2}
     straight = copy_project(encoded_klein, tmp_path / "straight", **params)
     run_stage("train", straight / "params.yaml")
     killed = copy_project(encoded_klein, tmp_path / "killed", **params)
     tag = {"lokr": "lokr_w1", "loha": "hada_w1_a", "lora": "lora_magnitude_vector"}[kind]
     summary = _killed_and_resumed(killed, tag)
-    assert summary["resumed_from_step"] >= 10
+    assert summary["resumed_from_step"] == 6
     a = load_file(str(straight / "outputs/lora/pytorch_lora_weights.safetensors"))
     b = load_file(str(killed / "outputs/lora/pytorch_lora_weights.safetensors"))
     assert a.keys() == b.keys() and any(tag in k for k in a)
