@@ -322,7 +322,7 @@ def test_yaml_1_1_words_stay_strings(tmp_path, project):
     assert yaml.safe_load((project / "params.yaml").read_text())["train"]["mixed_precision"] == "no"
 
 
-@pytest.mark.parametrize("config,match", [({"lora_type": "lycoris"}, "standard PEFT LoRAs"),
+@pytest.mark.parametrize("config,match", [({"lora_type": "lycoris"}, "lycoris_config file"),
                                           ({"model_type": "full"}, "LoRAs only"),
                                           ({"controlnet": True}, "ControlNets"),
                                           ({"model_family": "sdxl"}, "FLUX.2 only")])
@@ -502,3 +502,24 @@ def test_scheduled_sampling_keys_map_by_name(tmp_path, project):
     assert report.status()["config.json scheduled_sampling_sampler"] == "refused"  # unipc: Euler is used
     report, params = imported(tmp_path, project, {})
     assert params.train.scheduled_sampling_max_step_offset == 0  # off, as SimpleTuner's default
+
+
+def test_lycoris_lokr_config_maps_algo_dims_and_factorisation(tmp_path, project):
+    """SimpleTuner's lora_type lycoris reads its lycoris_config JSON file (SimpleTuner's klein-9b LoKr example's
+    shape): algo -> train.lora_type, linear_dim / linear_alpha -> lora_rank / lora_alpha, factor / full_matrix /
+    decompose_both -> train.lycoris_config; the standard-LoRA keys SimpleTuner ignores there have no effect."""
+    folder = seed_folder(tmp_path, {"lora_type": "lycoris", "lycoris_config": "config/lycoris_config.json",
+                                    "lora_rank": 64, "lora_dropout": 0.1})
+    (folder / "lycoris_config.json").write_text(json.dumps({
+        "algo": "lokr", "multiplier": 1.0, "linear_dim": 10000, "linear_alpha": 1, "factor": 16,
+        "apply_preset": {"target_module": ["Attention", "FeedForward"]}}))
+    report = import_simpletuner(folder, project / "params.yaml")
+    train = load_params(project / "params.yaml").train
+    assert (train.lora_type, train.lora_rank, train.lora_alpha) == ("lokr", 10000, 1)
+    assert train.lycoris_config.factor == 16 and train.lora_dropout == 0.0
+    assert report.status()["config.json lora_rank"] == "no effect"
+    assert any("apply_preset" in note for note in report.notes)
+    check_params_passes(project / "params.yaml")
+    (folder / "lycoris_config.json").write_text(json.dumps({"algo": "ia3"}))
+    with pytest.raises(ParamsError, match="algo 'ia3'"):
+        import_simpletuner(folder, project / "params.yaml")

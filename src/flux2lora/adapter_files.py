@@ -175,7 +175,8 @@ def _peft_alphas(metadata: dict[str, str]) -> tuple[float | None, dict]:
     if not raw:
         return None, {}
     config = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
-    return config.get("lora_alpha"), config.get("alpha_pattern") or {}
+    # LoRA's config names it lora_alpha, peft's LoKr / LoHa configs alpha
+    return config.get("lora_alpha", config.get("alpha")), config.get("alpha_pattern") or {}
 
 
 def _producer(metadata: dict[str, str]) -> str | None:

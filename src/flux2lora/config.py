@@ -151,6 +151,27 @@ class TreadConfig(Section):
     routes: list[TreadRoute] = Field(min_length=1)
 
 
+class LycorisConfig(Section):
+    """LoKr's Kronecker factorisation (train.lora_type lokr), under SimpleTuner's `lycoris_config` names. Its
+    linear_dim / linear_alpha are train.lora_rank / lora_alpha here; its algo is train.lora_type."""
+
+    # The left factor's size: w1 is (f, f') with f dividing out / in features where it can (peft's
+    # decompose_factor); -1: the most square factorisation.
+    factor: int = -1
+    decompose_both: bool = False  # w1 low-rank too (w1_a @ w1_b), not only w2
+    # w2 a full matrix whatever lora_rank says (LyCORIS's full_matrix): scale 1, lora_rank / lora_alpha unused
+    full_matrix: bool = False
+
+    @model_validator(mode="after")
+    def _factor_is_valid(self):
+        if self.factor == 0 or self.factor < -1:
+            raise ValueError(f"train.lycoris_config.factor {self.factor}: a positive factor, or -1 (most square)")
+        if self.full_matrix and self.decompose_both:
+            raise ValueError("train.lycoris_config: full_matrix and decompose_both contradict each other (full "
+                             "matrices vs low-rank factors); set one")
+        return self
+
+
 class TrainParams(Section):
     """LoRA training of the transformer on the cached embeddings and latents."""
 
@@ -169,6 +190,11 @@ class TrainParams(Section):
     # DoRA (peft's use_dora): each adapted weight is m * (W + BA) / ||W + BA|| per output row, with the magnitude m
     # (one number per output feature, starting at ||W||) trained beside A and B
     use_dora: bool = False
+    # The adapter kind (peft's tuners): lora (B @ A), lokr (Kronecker product kron(w1, w2), LyCORIS's LoKr; its
+    # factorisation in lycoris_config) or loha (Hadamard product (w1_a @ w1_b) * (w2_a @ w2_b), LyCORIS's LoHa).
+    # lora_rank / lora_alpha are each kind's rank and alpha (scale alpha / rank; LoKr with only full factors: 1).
+    lora_type: Literal["lora", "lokr", "loha"] = "lora"
+    lycoris_config: LycorisConfig | None = None  # lokr only; None: the defaults (factor -1)
     learning_rate: float = Field(1e-4, gt=0)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -307,6 +333,29 @@ class TrainParams(Section):
         if self.use_8bit_adam and self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(f"train: use_8bit_adam (AdamW8bit) and optimizer {self.optimizer!r} are both set: "
                              "remove use_8bit_adam (optimizer: adamw8bit is its name now)")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_kind_is_consistent(self):
+        kind = self.lora_type
+        if kind == "lora":
+            if self.lycoris_config is not None:
+                raise ValueError("train.lycoris_config is set but train.lora_type is lora: it configures LoKr; set "
+                                 "lora_type: lokr or remove it")
+            return self
+        if self.use_dora:
+            raise ValueError(f"train.use_dora with lora_type {kind}: DoRA is a LoRA option (peft has no DoRA "
+                             f"{kind}); set lora_type: lora or use_dora: false")
+        if self.lycoris_config is not None and kind != "lokr":
+            raise ValueError(f"train.lycoris_config configures LoKr's factorisation; lora_type {kind} has none: "
+                             "remove it")
+        if self.lora_dropout:
+            raise ValueError(f"train.lora_dropout with lora_type {kind}: peft's {kind} has no input dropout "
+                             "(LyCORIS's rank/module dropout is another thing); set lora_dropout: 0")
+        if "lora_init_type" in self.model_fields_set:
+            raise ValueError(f"train.lora_init_type with lora_type {kind}: it picks LoRA's A initialisation; "
+                             f"{kind} starts from peft's own (the second factor 0, so the adapter adds nothing at "
+                             "step 0): remove it")
         return self
 
     @model_validator(mode="after")

@@ -160,6 +160,140 @@ def diffusers_to_bfl(state: dict[str, torch.Tensor], config: dict) -> dict[str, 
     return out
 
 
+LOKR_FORMAT = "lycoris"  # LoKr's ComfyUI file: SimpleTuner's LyCORIS layout (diffusers module names)
+LOKR_W1, LOKR_W2 = ("lokr_w1", "lokr_w1_a"), ("lokr_w2", "lokr_w2_a")
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def lycoris_modules(state: dict[str, torch.Tensor], parts: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {part: tensor}} of a LoKr / LoHa state dict in peft naming (`transformer.` dropped)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        module, _, part = key.removeprefix(DIFFUSERS_PREFIX).rpartition(".")
+        if part not in parts:
+            raise ValueError(f"not a {'/'.join(parts)} tensor: {key!r}")
+        out.setdefault(module, {})[part] = value
+    return out
+
+
+def lycoris_scales(modules: list[str], config: dict) -> dict[str, float]:
+    """Each module's LoKr / LoHa scale as peft computes it: alpha / r, per-module r and alpha from rank_pattern /
+    alpha_pattern (peft's own pattern matching)."""
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    scales = {}
+    for module in modules:
+        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
+        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["alpha"])
+        scales[module] = float(alpha) / float(r)
+    return scales
+
+
+def lokr_to_lycoris(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A peft LoKr state dict -> SimpleTuner's LyCORIS layout, which ComfyUI's FLUX LoRA key map reads
+    (`lycoris_<diffusers module, dots as _>.lokr_w1` ...; it maps to_q / to_k / to_v onto their rows of the fused
+    qkv weight) and diffusers' FLUX.2 loader converts.
+
+    The BFL names are not used: BFL fuses q, k and v into one Linear, and three Kronecker products
+    kron(w1_q, w2_q), kron(w1_k, w2_k), kron(w1_v, w2_v) stacked are in general no single Kronecker product (their
+    stack has Kronecker rank up to 3), so no LoKr on the fused `qkv` gives the trained deltas.
+
+    peft's scale (alpha / r) is multiplied into w1 (or w1_a); where a factor is low-rank, `.alpha` = its rank (the
+    dimension LyCORIS divides alpha by: w2_b's rows, else w1_b's), so every LyCORIS reader applies scale 1; where
+    both are full, LyCORIS applies no alpha, and none is written."""
+    modules = lycoris_modules(state, LOKR_PARTS)
+    scales = lycoris_scales(list(modules), config)
+    out: dict[str, torch.Tensor] = {}
+    for module, parts in modules.items():
+        name = "lycoris_" + module.replace(".", "_")
+        w1 = "lokr_w1" if "lokr_w1" in parts else "lokr_w1_a"
+        for part, value in parts.items():
+            value = (value.double() * scales[module]).to(value.dtype) if part == w1 else value
+            out[f"{name}.{part}"] = value.contiguous()
+        low_rank = parts.get("lokr_w2_b", parts.get("lokr_w1_b"))
+        if low_rank is not None:
+            out[f"{name}.alpha"] = torch.tensor(float(low_rank.shape[0]))
+    return out
+
+
+def _fuse_loha_qkv(parts: list[dict[str, torch.Tensor] | None], scales: list[float]) -> dict[str, torch.Tensor]:
+    """Three LoHa modules (q, k, v; None: not adapted) -> one LoHa on the fused qkv with the same deltas.
+
+    (W1_q * W2_q) stacked over q, k, v is (blockdiag(w1_a) @ stack(w1_b)) * (blockdiag(w2_a) @ stack(w2_b)): each
+    stacked product's rows are one projection's W1 (W2), so the Hadamard product of the stacks is the stack of the
+    Hadamard products, exactly (rank 3r). Each projection's scale goes into its block of w1_a; a missing projection
+    is a zero block."""
+    present = [p for p in parts if p is not None]
+    rank = max(p["hada_w1_b"].shape[0] for p in present)
+    out_features, in_features = present[0]["hada_w1_a"].shape[0], present[0]["hada_w1_b"].shape[1]
+    dtype = present[0]["hada_w1_a"].dtype
+    blocks: dict[str, list[torch.Tensor]] = {part: [] for part in LOHA_PARTS}
+    for module, scale in zip(parts, scales):
+        for w in ("hada_w1", "hada_w2"):
+            if module is None:
+                a, b = torch.zeros(out_features, rank, dtype=dtype), torch.zeros(rank, in_features, dtype=dtype)
+            else:
+                a, b = module[f"{w}_a"], module[f"{w}_b"]
+                if w == "hada_w1":
+                    a = (a.double() * scale).to(dtype)
+                if b.shape[0] < rank:  # another rank (rank_pattern): zero columns / rows, product unchanged
+                    a = torch.cat([a, a.new_zeros(a.shape[0], rank - a.shape[1])], dim=1)
+                    b = torch.cat([b, b.new_zeros(rank - b.shape[0], b.shape[1])])
+            blocks[f"{w}_a"].append(a)
+            blocks[f"{w}_b"].append(b)
+    return {part: torch.block_diag(*tensors) if part.endswith("_a") else torch.cat(tensors)
+            for part, tensors in blocks.items()}
+
+
+def loha_to_bfl(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A peft LoHa state dict -> the BFL / ComfyUI layout with LyCORIS's names
+    (`diffusion_model.double_blocks.N.img_attn.qkv.hada_w1_a` ..., `single_blocks.N.linear1...`), q/k/v fused
+    exactly (_fuse_loha_qkv). The scale is in w1_a and `.alpha` = w1_b's rows, so ComfyUI (alpha / w1_b's rows)
+    applies scale 1."""
+    modules = lycoris_modules(state, LOHA_PARTS)
+    scales = lycoris_scales(list(modules), config)
+    out: dict[str, torch.Tensor] = {}
+
+    def put(bfl_module: str, parts: dict[str, torch.Tensor]) -> None:
+        for part, value in parts.items():
+            out[f"{BFL_PREFIX}{bfl_module}.{part}"] = value.contiguous()
+        out[f"{BFL_PREFIX}{bfl_module}.alpha"] = torch.tensor(float(parts["hada_w1_b"].shape[0]))
+
+    def scaled(module: str) -> dict[str, torch.Tensor]:
+        parts = dict(modules[module])
+        parts["hada_w1_a"] = (parts["hada_w1_a"].double() * scales[module]).to(parts["hada_w1_a"].dtype)
+        return parts
+
+    done: set[str] = set()
+    for n in sorted({int(m.split(".")[1]) for m in modules if m.startswith("transformer_blocks.")}):
+        prefix = f"transformer_blocks.{n}."
+        for bfl, projections in DOUBLE_BLOCK_QKV.items():
+            names = [prefix + p for p in projections]
+            if any(name in modules for name in names):
+                put(f"double_blocks.{n}.{bfl}", _fuse_loha_qkv([modules.get(name) for name in names],
+                                                                [scales.get(name, 0.0) for name in names]))
+                done.update(names)
+        for diffusers_name, bfl in DOUBLE_BLOCK_MODULES.items():
+            if prefix + diffusers_name in modules:
+                put(f"double_blocks.{n}.{bfl}", scaled(prefix + diffusers_name))
+                done.add(prefix + diffusers_name)
+    for module in modules:
+        if module.startswith("single_transformer_blocks."):
+            _, n, rest = module.split(".", 2)
+            if rest in SINGLE_BLOCK_MODULES:
+                put(f"single_blocks.{n}.{SINGLE_BLOCK_MODULES[rest]}", scaled(module))
+                done.add(module)
+        elif module in GLOBAL_MODULES:
+            put(GLOBAL_MODULES[module], scaled(module))
+            done.add(module)
+    unknown = sorted(set(modules) - done)
+    if unknown:
+        raise ValueError(f"no BFL name for LoHa modules {unknown[:5]}: the BFL / ComfyUI file cannot hold them")
+    return out
+
+
 def read_diffusers_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """A diffusers-format LoRA file: (tensors, peft config with the `transformer.` prefix dropped, all metadata)."""
     from safetensors import safe_open
@@ -176,7 +310,8 @@ def read_diffusers_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict
 
 
 def export_bfl(diffusers_file: Path, out_file: Path, extra_metadata: dict[str, str] | None = None) -> Path:
-    """Write the BFL / ComfyUI file for a diffusers-format LoRA file.
+    """Write the BFL / ComfyUI file for a diffusers-format LoRA file (LoHa: the BFL layout with LyCORIS's names,
+    loha_to_bfl; LoKr: SimpleTuner's LyCORIS layout, which ComfyUI reads, lokr_to_lycoris).
 
     The metadata keeps the diffusers file's `flux2lora.*` entries (base model and revision, flavour, rank, alpha,
     trigger phrase, steps, dataset hash) plus `flux2lora.format = bfl` and a note that alpha is already applied.
@@ -185,10 +320,14 @@ def export_bfl(diffusers_file: Path, out_file: Path, extra_metadata: dict[str, s
     """
     from .io import write_safetensors_atomic
 
+    from .train.lora import adapter_kind
+
     state, config, metadata = read_diffusers_lora(diffusers_file)
-    bfl = diffusers_to_bfl(state, config)
+    kind = adapter_kind(config)
+    bfl = lokr_to_lycoris(state, config) if kind == "lokr" else loha_to_bfl(state, config) if kind == "loha" \
+        else diffusers_to_bfl(state, config)
     out_metadata = {k: v for k, v in metadata.items() if k.startswith("flux2lora.")}
-    out_metadata.update({"format": "pt", "flux2lora.format": BFL_FORMAT,
+    out_metadata.update({"format": "pt", "flux2lora.format": LOKR_FORMAT if kind == "lokr" else BFL_FORMAT,
                          "flux2lora.alpha_applied": "true",  # B already holds alpha/r: load at strength 1.0
                          **(extra_metadata or {})})
     write_safetensors_atomic(Path(out_file), bfl, out_metadata)

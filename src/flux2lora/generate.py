@@ -166,7 +166,9 @@ def generate_images(prompt: str, lora: Path | None = None, *, seeds: list[int] =
     pipe = load_generation_pipeline(model)
     if lora is not None:
         lora = Path(lora)
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lora")
+        from .train.lora import load_adapter_weights
+
+        load_adapter_weights(pipe, lora, "lora")  # LoRA, DoRA, LoKr: load_lora_weights; LoHa: peft
         pipe.set_adapters(["lora"], adapter_weights=[scale])
         pipe.transformer.eval()  # peft adds the adapter's layers (and their dropout) in train mode
     place_pipeline(pipe, target, gpu_bytes, placement)

@@ -114,6 +114,8 @@ TABLE: dict[str, Computes | str] = {
     "train.flux_lora_target": _TRAIN,
     "train.lora_target_modules": _TRAIN,
     "train.use_dora": _TRAIN,
+    "train.lora_type": _TRAIN,
+    "train.lycoris_config": _TRAIN,
     "train.learning_rate": _TRAIN,
     "train.adam_beta1": _TRAIN,
     "train.adam_beta2": _TRAIN,

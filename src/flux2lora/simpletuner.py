@@ -347,6 +347,69 @@ def _dora_on(config: dict) -> bool:
     return _truthy(config.get("use_dora")) and "quanto" not in str(config.get("base_model_precision", ""))
 
 
+LYCORIS_ALGOS = {"lokr": "lokr", "loha": "loha"}
+# lycoris_config keys (SimpleTuner passes them to LyCORIS's create_lycoris) -> train.* / train.lycoris_config.*
+LYCORIS_KEYS = {"linear_dim": "train.lora_rank", "linear_alpha": "train.lora_alpha",
+                "factor": "train.lycoris_config.factor", "full_matrix": "train.lycoris_config.full_matrix",
+                "decompose_both": "train.lycoris_config.decompose_both"}
+
+
+def _lycoris(config: dict) -> bool:
+    """Whether SimpleTuner trains a LyCORIS adapter (lora_type lycoris; its lycoris_config read by the import)."""
+    return str(config.get("lora_type", "standard")).lower() == "lycoris"
+
+
+def _lora_type(value, config):
+    """standard: a peft LoRA, as here; lycoris: the algorithm and its options from the lycoris_config file."""
+    if str(value).lower() == "standard":
+        raise NoEffect("'standard': a PEFT LoRA, as in flux2lora")
+    if not _lycoris(config):
+        raise Stop(f"lora_type {value!r}: flux2lora trains standard LoRAs and LyCORIS's lokr / loha")
+    lycoris = config.get("lycoris_config")
+    if not isinstance(lycoris, dict):
+        raise Stop("lora_type lycoris: the lycoris_config file (SimpleTuner's default config/lycoris_config.json) "
+                   "was not found beside the config; copy it there")
+    algo = str(lycoris.get("algo", "lokr")).lower()
+    if algo not in LYCORIS_ALGOS:
+        raise Stop(f"lycoris_config algo {algo!r}: flux2lora trains lokr and loha (peft's LoKr / LoHa); other "
+                   "LyCORIS algorithms would train a different adapter")
+    out = {"train.lora_type": LYCORIS_ALGOS[algo]}
+    notes = config.setdefault("__notes__", [])
+    for key, item in lycoris.items():
+        if key == "algo":
+            continue
+        target = LYCORIS_KEYS.get(key)
+        if target and target.startswith("train.lycoris_config.") and algo == "lokr":
+            out.setdefault("train.lycoris_config", {})[target.rsplit(".", 1)[1]] = item
+        elif target and not target.startswith("train.lycoris_config."):
+            out[target] = item
+        elif key == "multiplier" and float(item) == 1.0:
+            continue
+        else:
+            notes.append(f"lycoris_config {key}={item!r}: no flux2lora equivalent, not imported (the targets come "
+                         "from train.flux_lora_target / lora_target_modules)")
+    return out
+
+
+def _lycoris_config(value, config):
+    if not _lycoris(config):
+        raise NoEffect("SimpleTuner reads lycoris_config only with lora_type lycoris")
+    raise NoEffect("read with lora_type lycoris (its algo and options are mapped there)")
+
+
+def _standard_lora_only(entry: SeedKey) -> SeedKey:
+    """A standard-LoRA option SimpleTuner ignores under lora_type lycoris (LyCORIS takes linear_dim /
+    linear_alpha from lycoris_config and has no such dropout / init)."""
+    def apply(value, config):
+        if _lycoris(config):
+            raise NoEffect("lora_type lycoris: SimpleTuner's LyCORIS adapter does not use it")
+        return entry.apply(value, config)
+
+    def ours(config):
+        return {} if _lycoris(config) else entry.defaults(config)
+    return SeedKey(entry.meaning, apply, entry.st_default, ours)
+
+
 def _lora_init_type(value, config):
     if _dora_on(config) and value != "default":
         raise NoEffect("use_dora is set: SimpleTuner initialises DoRA's A as peft's default whatever this says")
@@ -467,8 +530,9 @@ SEED_KEYS: dict[str, SeedKey] = {
     # model
     "model_family": SeedKey("model family", _model_family),
     "model_type": stop_unless("model_type", ("lora",), "flux2lora trains LoRAs only"),
-    "lora_type": stop_unless("lora_type", ("standard",), "flux2lora trains standard PEFT LoRAs (set lora_type "
-                             "standard to import this config as one)"),
+    "lora_type": SeedKey("adapter kind: standard (peft LoRA) or lycoris (lycoris_config's algo: lokr, loha)",
+                         _lora_type, "standard"),
+    "lycoris_config": SeedKey("LyCORIS options file (algo, linear_dim, linear_alpha, factor, ...)", _lycoris_config),
     "peft_lora_mode": stop_unless("peft_lora_mode", ("standard",), "flux2lora trains standard LoRAs"),
     "controlnet": stop_unless("controlnet", (False, "false", None), "flux2lora does not train ControlNets"),
     "distillation_method": stop_unless("distillation_method", (None, "", "none"),
@@ -505,11 +569,12 @@ SEED_KEYS: dict[str, SeedKey] = {
                                      False),
     "group_offload_vae": to("encode_latents.group_offload_vae", "group offload of the VAE", False),
     # LoRA
-    "lora_rank": to("train.lora_rank", "LoRA rank", 16),
-    "lora_alpha": to("train.lora_alpha", "LoRA alpha (unset: the rank, scale 1)", None),
-    "lora_dropout": to("train.lora_dropout", "dropout on the LoRA path", 0.1),
-    "lora_init_type": SeedKey("LoRA A's initialisation (default: PEFT's Kaiming; SimpleTuner forces it with DoRA)",
-                              _lora_init_type, "default", {"train.lora_init_type": "default"}),
+    "lora_rank": _standard_lora_only(to("train.lora_rank", "LoRA rank", 16)),
+    "lora_alpha": _standard_lora_only(to("train.lora_alpha", "LoRA alpha (unset: the rank, scale 1)", None)),
+    "lora_dropout": _standard_lora_only(to("train.lora_dropout", "dropout on the LoRA path", 0.1)),
+    "lora_init_type": _standard_lora_only(SeedKey("LoRA A's initialisation (default: PEFT's Kaiming; SimpleTuner "
+                                                  "forces it with DoRA)", _lora_init_type, "default",
+                                                  {"train.lora_init_type": "default"})),
     "flux_lora_target": SeedKey("LoRA target preset (all, attention, mlp, tiny)", _flux_lora_target, "all",
                                 lambda config: {} if config.get("peft_lora_target_modules") not in
                                 (None, "", "None", []) else {"train.flux_lora_target": "all"}),
@@ -1090,6 +1155,13 @@ def import_simpletuner(source: Path, params_path: Path = Path(PARAMS_FILE), writ
     source, params_path = Path(source), Path(params_path)
     report = ImportReport()
     config, config_name = read_seed_config(source)
+    if _lycoris(config):  # the LyCORIS options live in their own JSON file, read here
+        lycoris_path = _find(source, config.get("lycoris_config"), "lycoris_config.json")
+        if lycoris_path is not None:
+            try:
+                config["lycoris_config"] = json.loads(lycoris_path.read_text())
+            except ValueError as e:
+                raise Stop(f"{lycoris_path}: not valid JSON ({e})") from None
     values = map_config(config, config_name, report)
 
     backends_path = _find(source, config.get("data_backend_config"), "multidatabackend.json")

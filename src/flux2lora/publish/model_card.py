@@ -44,11 +44,23 @@ def licence_of(licence: str) -> Licence:
     return LICENCES.get(licence, Licence("other", licence, "See the base model's licence."))
 
 
+# LoKr / LoHa: (first tensor name, who loads the diffusers file, the ComfyUI file's layout)
+LYCORIS_FILES = {
+    "lokr": ("lokr_w1", "diffusers `load_lora_weights` (FLUX.2 pipelines; tested with diffusers 0.42.1 and peft "
+             "0.21.2)", "SimpleTuner's LyCORIS layout (`lycoris_<module>.lokr_w1`, `.alpha`): q/k/v stay separate, "
+             "ComfyUI applies each to its rows of the fused qkv"),
+    "loha": ("hada_w1_a", "peft (diffusers 0.42.1 refuses LoHa keys): `flux2lora generate --lora`, or diffusers' "
+             "`transformer.add_adapter(LoHaConfig(**config))` then peft's `set_peft_model_state_dict`",
+             "BFL (`diffusion_model.double_blocks.N.img_attn.qkv.hada_w1_a`, `.alpha`; q/k/v fused exactly, rank "
+             "3r)"),
+}
+
+
 def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: str, trigger_phrase: str,
                rank: int, alpha: float, steps: int, final_loss: float, dataset_hash: str, run_id: str,
                grid_file: str | None, diffusers_file: str = "pytorch_lora_weights.safetensors",
                bfl_file: str | None = None, repo_id: str | None = None, base_model_url: str | None = None,
-               git_commit: str | None = None, warning: str | None = None, dora: bool = False,
+               git_commit: str | None = None, warning: str | None = None, dora: bool = False, kind: str = "lora",
                selected_step: int | None = None, eval_loss: float | None = None) -> str:
     """Markdown with YAML front matter and loading examples.
 
@@ -79,17 +91,30 @@ def model_card(*, base_model: str, flavour: str, pipeline_class: str, licence: s
         files = (f"| `{diffusers_file}` | diffusers (`transformer.<module>.lora_A/B.weight` and "
                  "`.lora_magnitude_vector`, peft config with `use_dora` in `lora_adapter_metadata`) | diffusers "
                  "`load_lora_weights` (FLUX.2 pipelines; tested with diffusers 0.42.1 and peft 0.21.2) and peft |\n")
-    if bfl_file:
+    if kind in LYCORIS_FILES:
+        files = (f"| `{diffusers_file}` | diffusers / peft (`transformer.<module>.{LYCORIS_FILES[kind][0]}`..., "
+                 f"peft's {kind} config in `lora_adapter_metadata`) | {LYCORIS_FILES[kind][1]} |\n")
+        if bfl_file:
+            files += f"| `{bfl_file}` | {LYCORIS_FILES[kind][2]} | ComfyUI's LoRA loaders (LyCORIS names) |\n"
+    elif bfl_file:
         files += (f"| `{bfl_file}` | BFL (`diffusion_model.double_blocks.N.img_attn.qkv...`, q/k/v fused) | "
                   "ComfyUI's native FLUX.2 model (the layout ComfyUI v0.29 documents), ai-toolkit and BFL's "
                   "reference code; diffusers converts it on load |\n")
+    comfy_diffusers = (f"`{diffusers_file}` works there too, at\nthe same strength." if kind not in LYCORIS_FILES
+                       else f"Not `{diffusers_file}`: its scale is in its peft config, which ComfyUI\ndoes not read.")
     comfy = (f"""
 ## Use it in ComfyUI
 
 Copy `{bfl_file}` into `ComfyUI/models/loras/` and apply it to the FLUX.2 {flavour} model with a
-*LoraLoaderModelOnly* node at strength 1.0 (lower it to weaken the effect). `{diffusers_file}` works there too, at
-the same strength.
+*LoraLoaderModelOnly* node at strength 1.0 (lower it to weaken the effect). {comfy_diffusers}
 """ if bfl_file else "")
+    load_line = (f'pipe.load_lora_weights("{source}", weight_name="{diffusers_file}", adapter_name="lora")'
+                 if kind != "loha" else "from flux2lora.train.lora import load_adapter_weights  # LoHa: diffusers "
+                 f"refuses its keys; peft loads it\nload_adapter_weights(pipe, \"{diffusers_file}\", \"lora\")")
+    same = (f"Both files give the same weight change at strength 1.0 (alpha / rank = {alpha / rank:g} is already "
+            "applied in B)." if kind not in LYCORIS_FILES else
+            f"A {kind} adapter (train.lora_type {kind}). Both files give the same weight change at strength 1.0: "
+            "the diffusers file through its peft config's alpha, the ComfyUI file with the scale in its weights.")
     commit_row = f"| git commit | `{git_commit}` |\n" if git_commit else ""
     if selected_step is not None:
         commit_row = f"| published checkpoint | step {selected_step} (lowest eval loss) |\n" + commit_row
@@ -125,7 +150,7 @@ A LoRA for `{base_model}` (FLUX.2 {flavour}), trained with flux2lora.
 {commit_row}{sample}
 ## Files
 
-Both files give the same weight change at strength 1.0 (alpha / rank = {alpha / rank:g} is already applied in B).
+{same}
 
 | file | format | load it with |
 |---|---|---|
@@ -137,7 +162,7 @@ import torch
 from diffusers import {pipeline_class}
 
 pipe = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16).to("cuda")
-pipe.load_lora_weights("{source}", weight_name="{diffusers_file}", adapter_name="lora")
+{load_line}
 pipe.set_adapters(["lora"], adapter_weights=[1.0])  # LoRA strength
 image = pipe("{prompt}a photo", num_inference_steps=50, guidance_scale=4.0).images[0]
 image.save("lora.png")

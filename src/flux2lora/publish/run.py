@@ -157,7 +157,7 @@ def publish(params: Params, root: Path) -> dict:
         repo_id=cfg.hub_repo_id, base_model_url=f"https://huggingface.co/{model.model_id}" if is_hub_model else None,
         git_commit=train_tags.get("git_commit"),
         warning=" ".join(w for w in (lora_meta.get("flux2lora.distilled_warning"), DORA_NOTE if dora else None) if w)
-        or None, dora=dora, **selection_of(metrics)))
+        or None, dora=dora, kind=lora_meta.get("flux2lora.kind", "lora"), **selection_of(metrics)))
     # params.yaml holds no credentials by design (tokens and keys come from the environment), so this is safe.
     write_json_atomic(out / "params.json", params.model_dump(by_alias=True, mode="json"))
 

@@ -162,16 +162,51 @@ def targets_description(cfg) -> str:
 LORA_INITS = {"default": True, "gaussian": "gaussian"}
 
 
+def lycoris_adapter_config(kind: str, transformer, rank: int, alpha: float | None, targets: list[str],
+                           lycoris=None):
+    """peft's LoKrConfig / LoHaConfig for `kind` ("lokr" / "loha") on these exact module paths.
+
+    Scales follow LyCORIS (what ComfyUI and SimpleTuner's files assume): alpha / rank, except a LoKr module whose
+    two factors are both full matrices (no rank involved), which LyCORIS applies at scale 1; peft would apply
+    alpha / r there too, so those modules get alpha = r in alpha_pattern. lycoris_config.full_matrix makes every
+    w2 full (r = the largest w2 side of the targets: peft creates w2 full when r >= max(w2's sides) / 2)."""
+    from peft import LoHaConfig, LoKrConfig
+    from peft.tuners.lokr.layer import factorization
+
+    alpha = float(alpha if alpha is not None else rank)
+    if kind == "loha":
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=targets, init_weights=True)
+    factor = lycoris.factor if lycoris is not None else -1
+    decompose_both = lycoris.decompose_both if lycoris is not None else False
+    modules = dict(transformer.named_modules())
+    split = {}
+    for name in targets:
+        out_features, in_features = modules[name].weight.shape
+        (out_l, out_k), (in_m, in_n) = factorization(out_features, factor), factorization(in_features, factor)
+        split[name] = (out_l, out_k, in_m, in_n)
+    if lycoris is not None and lycoris.full_matrix:
+        rank = max(max(out_k, in_n) for _, out_k, _, in_n in split.values())
+    full = [name for name, (out_l, out_k, in_m, in_n) in split.items()
+            if not (decompose_both and rank < max(out_l, in_m) / 2) and rank >= max(out_k, in_n) / 2]
+    return LoKrConfig(r=rank, alpha=alpha, target_modules=targets, decompose_factor=factor,
+                      decompose_both=decompose_both, init_weights=True,
+                      alpha_pattern={name: float(rank) for name in full})
+
+
 def add_lora(transformer, rank: int, alpha: float | None, dropout: float, targets: list[str], init: str = "gaussian",
-             use_dora: bool = False):
-    """Attach a peft LoRA adapter ("default"; DoRA with use_dora, its magnitudes initialised from the base weights'
-    row norms) and return its trainable parameters (kept in fp32)."""
+             use_dora: bool = False, kind: str = "lora", lycoris=None):
+    """Attach a peft adapter ("default") of `kind` (train.lora_type: lora, DoRA with use_dora, its magnitudes
+    initialised from the base weights' row norms; lokr / loha: lycoris_adapter_config) and return its trainable
+    parameters (kept in fp32)."""
     from peft import LoraConfig
 
     if init not in LORA_INITS:
         raise ValueError(f"train.lora_init_type: {init!r} is not one of {', '.join(LORA_INITS)}")
-    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
-                        init_lora_weights=LORA_INITS[init], target_modules=targets, use_dora=use_dora)
+    if kind == "lora":
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                            init_lora_weights=LORA_INITS[init], target_modules=targets, use_dora=use_dora)
+    else:
+        config = lycoris_adapter_config(kind, transformer, rank, alpha, targets, lycoris)
     with warnings.catch_warnings():
         # fp8-torchao bases: peft warns that merge() would need torchao's requantization recipe; training never
         # merges (the LoRA is saved separately)
@@ -216,6 +251,9 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
     from peft.tuners.lora import LoraLayer
 
     config = transformer.peft_config["default"]
+    kind = adapter_kind(config)
+    if kind != "lora":
+        return _save_lycoris_adapter(transformer, config, pipeline_cls, folder, extra_metadata)
     scales = {name: float(module.scaling["default"]) for name, module in transformer.named_modules()
               if isinstance(module, LoraLayer) and "default" in module.scaling}
     state = lora_state_dict(transformer)
@@ -234,8 +272,54 @@ def save_diffusers_lora(transformer, pipeline_cls, folder: Path, extra_metadata:
                                  for k, v in extra_metadata.items()})
 
 
+def adapter_kind(config) -> str:
+    """"lora" (DoRA included), "lokr" or "loha", from a peft config object or its dict (the file's
+    lora_adapter_metadata)."""
+    peft_type = str(getattr(config, "peft_type", None) or (config.get("peft_type") if isinstance(config, dict)
+                                                           else None) or "LORA")
+    return {"LOKR": "lokr", "LOHA": "loha"}.get(peft_type.rsplit(".", 1)[-1].upper(), "lora")
+
+
+def _save_lycoris_adapter(transformer, config, pipeline_cls, folder: Path, extra_metadata: dict[str, str]) -> Path:
+    """The LoKr / LoHa adapter in the diffusers layout: peft's own tensor names under `transformer.`
+    (`transformer.<module>.lokr_w1`, `.hada_w1_a`, ...) as trained (the scale is NOT in the weights: the file's
+    peft config, with its alpha_pattern, says it), the peft config as `lora_adapter_metadata`. diffusers 0.42.1's
+    FLUX.2 `load_lora_weights` builds a LoKrConfig from that metadata; it refuses LoHa keys, which
+    `load_adapter_weights` loads with peft. Metadata keys sorted: equal weights give equal bytes."""
+    state = lora_state_dict(transformer)
+    adapter_config = {**config.to_dict(), "rank_dropout": 0.0, "module_dropout": 0.0}
+    return write_diffusers_file(folder / "pytorch_lora_weights.safetensors", state, adapter_config, pipeline_cls,
+                                {f"flux2lora.{k}": v if isinstance(v, str) else json.dumps(v)
+                                 for k, v in extra_metadata.items()}, alpha_applied=False)
+
+
+def load_adapter_weights(pipe, path: Path, adapter_name: str) -> None:
+    """Load an adapter file of ours into a FLUX.2 pipeline's transformer: diffusers' `load_lora_weights` for LoRA,
+    DoRA and LoKr; for LoHa (which diffusers 0.42.1 refuses: "We currently support LoRA and LoKr") peft itself,
+    through diffusers' `add_adapter` (so set_adapters and the `scale` attention kwarg work as for a LoRA) and
+    peft's `set_peft_model_state_dict`."""
+    from peft import LoHaConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    metadata = read_lora_metadata(path)
+    config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    config = {k.removeprefix("transformer."): v for k, v in config.items()}
+    if adapter_kind(config) != "loha":
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+        return
+    state = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    known = set(LoHaConfig.__dataclass_fields__)
+    pipe.transformer.add_adapter(LoHaConfig(**{k: v for k, v in config.items() if k in known}),
+                                 adapter_name=adapter_name)
+    result = set_peft_model_state_dict(pipe.transformer, state, adapter_name=adapter_name)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{path}: LoHa keys this model lacks: {result.unexpected_keys[:5]}")
+
+
 def write_diffusers_file(path: Path, state: dict[str, torch.Tensor], adapter_config: dict, pipeline_cls,
-                         metadata: dict[str, str]) -> Path:
+                         metadata: dict[str, str], alpha_applied: bool = True) -> Path:
     """Write `state` (peft names without the `transformer.` prefix, alpha already in lora_B) with the pipeline's
     own `save_lora_weights` and `adapter_config` as its `lora_adapter_metadata`, then add `metadata` (sorted keys:
     equal weights give equal bytes)."""
@@ -254,7 +338,8 @@ def write_diffusers_file(path: Path, state: dict[str, torch.Tensor], adapter_con
         written = dict(f.metadata() or {})
     tensors = load(path.read_bytes())
     written.update(metadata)
-    written["flux2lora.alpha_applied"] = "true"  # lora_B holds alpha / r: load at strength 1.0
+    # true: lora_B holds alpha / r, load at strength 1.0; false (LoKr / LoHa): the peft config's alpha applies
+    written["flux2lora.alpha_applied"] = "true" if alpha_applied else "false"
     write_safetensors_atomic(path, tensors, written)
     return path
 

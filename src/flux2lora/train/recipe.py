@@ -230,7 +230,8 @@ class LoRATrainingRecipe:
                                                 offload_during_startup=cfg.offload_during_startup)
         self.targets = training_targets(transformer, cfg)
         lora_params = add_lora(transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, self.targets,
-                               cfg.lora_init_type, use_dora=cfg.use_dora)
+                               cfg.lora_init_type, use_dora=cfg.use_dora, kind=cfg.lora_type,
+                               lycoris=cfg.lycoris_config)
         if group_offload is not None:
             for p in lora_params:  # the offload hooks move only the frozen weights; the adapter lives on the device
                 p.data = p.data.to(self.device)
@@ -367,7 +368,7 @@ class LoRATrainingRecipe:
         cfg, layout, losses = self.cfg, self.layout, self.losses
         metadata = {**describe_model(self.params.model), "rank": cfg.lora_rank,
                     "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": targets_description(cfg),
-                    "kind": "dora" if cfg.use_dora else "lora",
+                    "kind": "dora" if cfg.use_dora else cfg.lora_type,
                     "steps": self.last_step, "processes": self.processes,
                     "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root),
                     **({"selected_step": selected} if cfg.checkpoint_selection == "best_eval" else {}),

@@ -38,7 +38,9 @@ def validate(params: Params, root: Path) -> dict:
 
     # The LoRA is loaded first and switched off for the base images: group offload's hooks move only the weights
     # that exist when they are installed.
-    pipe.load_lora_weights(str(layout.lora_dir), weight_name=layout.lora_file.name, adapter_name="trained")
+    from ..train.lora import load_adapter_weights
+
+    load_adapter_weights(pipe, layout.lora_file, "trained")  # LoRA, DoRA, LoKr: load_lora_weights; LoHa: peft
     # peft creates the adapter's layers in train mode: with train.lora_dropout > 0 its dropout would stay active
     # and make every validation image random
     pipe.transformer.eval()
