@@ -63,6 +63,7 @@ EXAMPLES: dict[str, typing.Any] = {
     "validate.validation_resolution": "32x32",
     "validate.validation_step_interval": 5,
     "train.early_stopping_patience": 3,
+    "train.lycoris_config": {"factor": 4},
     "validate.eval_sigmas": [0.25, 0.75],
     "publish.s3_uri": "s3://bucket/loras",
     "publish.s3_endpoint_url": "http://127.0.0.1:9000",
@@ -75,6 +76,7 @@ EXAMPLES: dict[str, typing.Any] = {
 }
 # Keys set together with the example (the schema requires the pair).
 COMPANIONS = {"train.num_train_epochs": {"train.max_train_steps": 0},
+              "train.lycoris_config": {"train.lora_type": "lokr"},
               "prepare.datasets": {"prepare.instance_data_dir": None},
               "prepare.instance_data_dir": {}}
 # Changing output_dir moves every output: DVC then finds none of them, so every stage is out of date whatever kind
