@@ -4,7 +4,7 @@ to a logger (the Prefect task's log, or the console under `dvc repro`).
 Used when `runtime.num_processes` > 1, by both entry points: the Prefect train task and `flux2lora stage train`
 (what `dvc repro` runs), so the setting never silently trains on one process. The processes run the library's
 train stage; splitting the work between them is the train loop's (DDP) business. Several machines: see
-infra/k8s/pytorchjob-train.yaml.
+infra/k8s/trainjob-train.yaml (Kubeflow Trainer) and runtime.engine: ray (flux2lora.ray_train).
 """
 
 from __future__ import annotations
