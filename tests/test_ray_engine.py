@@ -95,13 +95,20 @@ def test_engine_decides_who_starts_the_train_stage():
         params(engine="slurm")
 
 
-def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_of_one_accumulating(
-        encoded, cluster, tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
-    on_ray = _copy(encoded, tmp_path / "ray", **_ray_params(cluster))
+@pytest.fixture(scope="module")
+def ray_run(encoded, cluster, tmp_path_factory):
+    """One uninterrupted Ray run of 2 workers, its connections watched: (project, summary, watch)."""
+    on_ray = _copy(encoded, tmp_path_factory.mktemp("ray-run") / "ray", **_ray_params(cluster))
     with ConnectionWatch(cluster.processes) as watch:
         summary = _train_on_ray(on_ray)
+    return on_ray, summary, watch
+
+
+def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_of_one_accumulating(
+        encoded, ray_run, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    on_ray, summary, watch = ray_run
     assert summary["steps"] == 4 and summary["processes"] == 2
     assert watch.remote, "no connection was sampled"
     assert not watch.not_loopback(), f"connections left loopback: {watch.not_loopback()}"
@@ -130,18 +137,17 @@ def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_
 
 
 def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_the_lora_of_an_uninterrupted_run(
-        encoded, cluster, tmp_path, monkeypatch):
+        encoded, cluster, ray_run, tmp_path, monkeypatch):
     """FLUX2LORA_FAULT=train:step=2:hold stops the first worker past step 2's checkpoint and writes its pid; the
     test SIGKILLs that pid (as a lost machine would end it); Ray's FailureConfig starts the workers again, the recipe
-    resumes from step 2 (optimizer state, generators, each worker's dropout RNG) and ends bitwise equal."""
+    resumes from step 2 (optimizer state, generators) and ends bitwise equal to the uninterrupted Ray run (that the
+    per-process dropout RNG resumes too is test_distributed's fault test)."""
     import re
 
     from flux2lora import faults
 
-    params = _ray_params(cluster, **{"train.lora_dropout": 0.1, "runtime.ray_max_failures": 1})
-    straight = _copy(encoded, tmp_path / "straight", **params)
-    faulted = _copy(encoded, tmp_path / "faulted", **params)
-    _train_on_ray(straight)
+    straight = ray_run[0]
+    faulted = _copy(encoded, tmp_path / "faulted", **_ray_params(cluster, **{"runtime.ray_max_failures": 1}))
 
     monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=2:hold")
     marker = faults.marker_path(faulted / "outputs", "train", "step=2")
