@@ -22,7 +22,7 @@ from flux2lora.layout import layout_for
 from flux2lora.stages import DvcPipeline, run_stage
 
 from .gpu import GpuReservation, gpu_slot
-from .launch import launch_train
+from .launch import launch_train, launched
 from .progress import progress_to_log
 from .retries import RETRY
 
@@ -71,7 +71,7 @@ def _run_unless_current(name: str, root: Path, dvc: DvcPipeline, gpu: GpuReserva
         with nullcontext() if gpu is not None and gpu.held else gpu_slot(name, logger), progress_to_log(logger):
             logger.info("%s: running", name)
             faults.maybe_fail(name, "start", output_dir)
-            if name == "train" and params.runtime.num_processes > 1:
+            if name == "train" and launched(params):
                 summary = launch_train(root, params, logger)
             else:
                 summary = run_stage(name, root / PARAMS_FILE)

@@ -137,23 +137,26 @@ def test_kubernetes_pool_template_requests_a_gpu_on_selected_nodes():
     assert rendered["env"]["FLUX2LORA_GPU_LIMIT"] == ""
 
 
-def test_pytorchjob_runs_the_train_stage_under_accelerate_on_every_node():
-    job = yaml.safe_load((REPO / "infra/k8s/pytorchjob-train.yaml").read_text())
-    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
-    specs = job["spec"]["pytorchReplicaSpecs"]
-    assert set(specs) == {"Master", "Worker"}
-    for spec in specs.values():
-        (container,) = spec["template"]["spec"]["containers"]
-        assert container["name"] == "pytorch"
-        command = " ".join(container["args"])
-        assert "accelerate launch" in command and "-m flux2lora.cli stage train" in command
-        for flag in ("--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port"):
-            assert flag in command
-        config = command.split("--config_file ")[1].split()[0]
-        assert (REPO / config).is_file()
-        gpus = container["resources"]["limits"]["nvidia.com/gpu"]
-        assert {"name": "GPUS_PER_NODE", "value": str(gpus)} in container["env"]
-        assert not any("value" in e and "TOKEN" in e["name"] for e in container["env"])  # secrets by reference
+def test_trainjob_is_valid_against_kubeflow_trainer_models_and_runs_the_train_stage_under_accelerate():
+    """The TrainJob read by Kubeflow's published models (PyPI kubeflow-trainer-api, generated from the Trainer CRDs'
+    OpenAPI): strict types, and a round trip that keeps every key (an unknown or misspelt key would be dropped)."""
+    from kubeflow_trainer_api.models.trainer_v1alpha1_train_job import TrainerV1alpha1TrainJob
+
+    manifest = yaml.safe_load((REPO / "infra/k8s/trainjob-train.yaml").read_text())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    assert TrainerV1alpha1TrainJob.from_dict(manifest).to_dict() == manifest
+    misspelt = yaml.safe_load((REPO / "infra/k8s/trainjob-train.yaml").read_text())
+    misspelt["spec"]["trainer"]["numNode"] = misspelt["spec"]["trainer"].pop("numNodes")
+    assert TrainerV1alpha1TrainJob.from_dict(misspelt).to_dict() != misspelt  # the check does catch it
+
+    trainer = manifest["spec"]["trainer"]
+    command = " ".join(trainer["args"])
+    assert "accelerate launch" in command and "-m flux2lora.cli stage train" in command
+    for flag in ("--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port"):
+        assert flag in command
+    assert (REPO / command.split("--config_file ")[1].split()[0]).is_file()
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
+    assert not any("value" in e and "TOKEN" in e["name"] for e in trainer["env"])  # secrets by reference
 
 
 def test_accelerate_config_is_valid():

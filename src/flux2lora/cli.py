@@ -159,17 +159,18 @@ def train_cmd(params: Path = typer.Option(Path("params.yaml"), "--params",
 
 
 def _launch_if_distributed(name: str, params_path: Path) -> dict | None:
-    """train with runtime.num_processes > 1, not yet inside a launch: `accelerate launch` of this same command on
-    that many processes (their output goes to this console); None otherwise."""
+    """train with runtime.num_processes > 1 or runtime.engine accelerate/ray, not yet inside a launch: `accelerate
+    launch` of this same command on that many processes, or a Ray Train job (their output goes to this console);
+    None otherwise."""
     import os
 
-    if name != "train" or os.environ.get("WORLD_SIZE"):
+    if name != "train" or os.environ.get("WORLD_SIZE") or os.environ.get("FLUX2LORA_LAUNCHED"):
         return None
     from .config import load_params
-    from .launch import LaunchFailed, launch_train
+    from .launch import LaunchFailed, launch_train, launched
 
     params = load_params(params_path)
-    if params.runtime.num_processes <= 1:
+    if not launched(params):
         return None
     try:
         return launch_train(params_path.resolve().parent, params, logging.getLogger("flux2lora.launch"),

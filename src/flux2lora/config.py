@@ -486,6 +486,21 @@ class RuntimeParams(Section):
     # MLflow system metrics (CPU, memory, disk, network; GPUs when pynvml is installed) on training runs.
     # null: on when psutil is installed, unless MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING decides.
     system_metrics: bool | None = None
+    # What starts the train stage. local: this process, or `accelerate launch` when num_processes > 1 (as before);
+    # accelerate: always `accelerate launch` (also for one process, e.g. to apply accelerate_config); ray: a Ray Train
+    # job (TorchTrainer, num_processes workers, accelerate inside each) on the cluster at ray_address (the extra
+    # flux2lora[ray]).
+    engine: Literal["local", "accelerate", "ray"] = "local"
+    # engine ray: the cluster, e.g. "127.0.0.1:6379" or "ray://head:10001"; null: RAY_ADDRESS, else a local cluster.
+    ray_address: str | None = None
+    # engine ray: torch.distributed's rendezvous address; null: Ray's choice (the rank-0 worker's node IP, found by
+    # a route lookup that picks the default interface); a loopback address keeps a one-machine cluster on lo.
+    ray_master_addr: str | None = None
+    # engine ray: whole-job restarts after a worker dies (ray.train.FailureConfig); each resumes from the newest
+    # checkpoint of the run (train.checkpointing_steps), so the LoRA is the uninterrupted run's.
+    ray_max_failures: int = Field(0, ge=-1)
+    # engine ray: Ray Train's run storage (a folder every node sees, or s3://...); null: <project>/.ray_runs.
+    ray_storage: str | None = None
 
     def log_system_metrics(self) -> bool | None:
         """The value for `mlflow.start_run(log_system_metrics=...)`; None leaves it to MLflow's environment variable."""

@@ -4,7 +4,7 @@ to a logger (the Prefect task's log, or the console under `dvc repro`).
 Used when `runtime.num_processes` > 1, by both entry points: the Prefect train task and `flux2lora stage train`
 (what `dvc repro` runs), so the setting never silently trains on one process. The processes run the library's
 train stage; splitting the work between them is the train loop's (DDP) business. Several machines: see
-infra/k8s/pytorchjob-train.yaml.
+infra/k8s/trainjob-train.yaml (Kubeflow Trainer) and runtime.engine: ray (flux2lora.ray_train).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ def stream(cmd: list[str], cwd: Path, logger, env: dict | None = None, keep: int
     """Run `cmd`, logging each line it prints (tqdm's carriage-return updates count as lines); LaunchFailed
     on a non-zero exit."""
     # tqdm in the child redraws at most every 30 s, so the log is not flooded with progress lines
-    env = {**os.environ, "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # FLUX2LORA_LAUNCHED: the launched `flux2lora stage train` trains, it does not launch again (one process under
+    # engine accelerate may not get WORLD_SIZE)
+    env = {**os.environ, "TQDM_MININTERVAL": "30", "PYTHONUNBUFFERED": "1", "FLUX2LORA_LAUNCHED": "1", **(env or {})}
     tail: deque[str] = deque(maxlen=keep)
     logger.info("launching: %s", " ".join(cmd))
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -59,8 +61,19 @@ def stream(cmd: list[str], cwd: Path, logger, env: dict | None = None, keep: int
         raise LaunchFailed(f"{cmd[2]} exited with code {proc.returncode}; last lines:\n" + "\n".join(tail))
 
 
+def launched(params: Params) -> bool:
+    """Whether the train stage is started by a launcher (runtime.engine, num_processes) rather than run in this
+    process: engine accelerate or ray, or local with num_processes > 1."""
+    return params.runtime.engine != "local" or params.runtime.num_processes > 1
+
+
 def launch_train(root: Path, params: Params, logger, params_file: str = "params.yaml") -> dict:
-    """Train with `accelerate launch` on runtime.num_processes processes; returns the stage's summary (metrics)."""
+    """Train with `accelerate launch` on runtime.num_processes processes, or (runtime.engine: ray) as a Ray Train
+    job; returns the stage's summary (metrics)."""
+    if params.runtime.engine == "ray":
+        from .ray_train import train_on_ray
+
+        return train_on_ray(root, params, logger, params_file)
     from .stages import heal_caches
 
     from .models import model_errors

@@ -222,6 +222,11 @@ TABLE: dict[str, Computes | str] = {
     "runtime.num_processes": RUNS,
     "runtime.accelerate_config": RUNS,
     "runtime.system_metrics": RUNS,
+    "runtime.engine": RUNS,
+    "runtime.ray_address": RUNS,
+    "runtime.ray_master_addr": RUNS,
+    "runtime.ray_max_failures": RUNS,
+    "runtime.ray_storage": RUNS,
 }
 
 

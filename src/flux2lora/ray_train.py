@@ -1,0 +1,143 @@
+"""The train stage as a Ray Train job (`runtime.engine: ray`): a `TorchTrainer` whose workers each run the train
+stage's own recipe (`run_stage("train")`, accelerate inside), so a Ray run with N workers computes what an
+N-process `accelerate launch` computes.
+
+Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before the workers' function runs; accelerate finds the
+process group and the RANK/WORLD_SIZE/LOCAL_RANK variables Ray sets and uses them. A worker that dies fails the
+worker group; with `runtime.ray_max_failures` Ray starts the group again and the recipe resumes from the newest
+checkpoint in the project's checkpoints folder, which every node must see (the project on a shared volume).
+
+Ray is the optional extra `flux2lora[ray]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+from .config import Params
+from .errors import UserError
+from .layout import layout_for
+
+EXTRA_HINT = "runtime.engine: ray needs Ray Train: pip install 'flux2lora[ray]'"
+
+
+def require_ray():
+    """The `ray` module, or a UserError naming the extra to install."""
+    try:
+        import ray
+        import ray.train.torch  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"{EXTRA_HINT} ({e})") from None
+    return ray
+
+
+def _pinned_address_and_port(master_addr: str) -> tuple[str, int]:
+    """Runs on the rank-0 worker: `master_addr` and a free port there (bound on that address, so it is free on it)."""
+    with socket.socket(socket.AF_INET6 if ":" in master_addr else socket.AF_INET) as s:
+        s.bind((master_addr, 0))
+        return master_addr, s.getsockname()[1]
+
+
+def torch_config(master_addr: str | None):
+    """Ray's TorchConfig; with `master_addr`, torch.distributed's rendezvous (MASTER_ADDR) is that address.
+
+    Ray Train asks the rank-0 worker for its node's IP with a route lookup, which finds the default interface even
+    when every node was started with --node-ip-address=127.0.0.1, and offers no setting for it; the backend here
+    makes that one question answer `master_addr` instead, for the duration of Ray's own process-group setup."""
+    from ray.train.torch import TorchConfig
+    from ray.train.torch import config as ray_torch_config
+
+    if master_addr is None:
+        return TorchConfig()
+
+    class PinnedMasterBackend(ray_torch_config._TorchBackend):
+        def on_start(self, worker_group, backend_config):
+            ask = ray_torch_config.get_address_and_port
+            def pinned_address_and_port():  # shipped to the rank-0 worker, which runs it
+                return _pinned_address_and_port(master_addr)
+
+            ray_torch_config.get_address_and_port = pinned_address_and_port
+            try:
+                super().on_start(worker_group, backend_config)
+            finally:
+                ray_torch_config.get_address_and_port = ask
+
+    class PinnedMasterTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return PinnedMasterBackend
+
+    return PinnedMasterTorchConfig()
+
+
+def _train_worker(config: dict) -> None:
+    """One Ray Train worker: the train stage's recipe, as one of `accelerate launch`'s processes would run it."""
+    from .stages import STAGES
+    from .config import load_params
+    from .models import model_errors
+
+    params_path = Path(config["params_path"])
+    params = load_params(params_path)
+    with model_errors(params.model):  # the driver healed the caches; the workers only read them
+        STAGES["train"](params, params_path.parent)
+
+
+def ray_storage(root: Path, params: Params) -> str:
+    """Ray Train's run storage: runtime.ray_storage (relative to the project) or <project>/.ray_runs."""
+    storage = params.runtime.ray_storage
+    if storage is None:
+        return str(root / ".ray_runs")
+    if "://" in storage or Path(storage).is_absolute():
+        return storage
+    return str(root / storage)
+
+
+def scaling_config(params: Params):
+    """runtime.num_processes workers, one GPU each when the model trains on CUDA, else one CPU each."""
+    from ray.train import ScalingConfig
+
+    use_gpu = str(params.model.device).startswith("cuda")
+    return ScalingConfig(num_workers=params.runtime.num_processes, use_gpu=use_gpu,
+                         resources_per_worker={"GPU": 1} if use_gpu else {"CPU": 1})
+
+
+def train_on_ray(root: Path, params: Params, logger, params_file: str = "params.yaml") -> dict:
+    """Train as a Ray Train job on the cluster at runtime.ray_address; returns the stage's summary (metrics).
+
+    The driver (this process) heals the caches once, connects, runs the job and reads the metrics rank 0 wrote."""
+    ray = require_ray()
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from .models import model_errors
+    from .stages import heal_caches
+
+    root = Path(root).resolve()
+    runtime = params.runtime
+    with model_errors(params.model):
+        heal_caches("train", params, root)
+    started_here = not ray.is_initialized()
+    if started_here:
+        # the workers see the driver's FLUX2LORA_* settings (progress interval, fault injection); their output is
+        # streamed to this driver's console
+        env = {k: v for k, v in os.environ.items() if k.startswith("FLUX2LORA_")}
+        ray.init(address=runtime.ray_address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+    try:
+        logger.info("ray: training on %d workers of %s", runtime.num_processes,
+                    runtime.ray_address or os.environ.get("RAY_ADDRESS") or "a local cluster")
+        trainer = TorchTrainer(
+            _train_worker, train_loop_config={"params_path": str(root / params_file)},
+            torch_config=torch_config(runtime.ray_master_addr), scaling_config=scaling_config(params),
+            run_config=RunConfig(name="flux2lora-train", storage_path=ray_storage(root, params),
+                                 failure_config=FailureConfig(max_failures=runtime.ray_max_failures)))
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    layout = layout_for(root, params.output_dir)
+    metrics = json.loads(layout.train_metrics.read_text())
+    run = json.loads(layout.run_file.read_text())
+    return {**metrics, "lora_file": str(layout.lora_file), "mlflow_run_id": run["run_id"]}

@@ -1,0 +1,156 @@
+"""A real Ray cluster on this machine for tests and benches: a head and worker nodes, each its own `ray start`
+process on a loopback address, in their own temp dir, stopped by pid; and a psutil watch of the connections that
+processes open."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+from helpers import REPO, VENV_BIN, project_env
+from servers import free_port
+
+# A loopback address other than 127.0.0.1: Ray (services.resolve_ip_for_localhost) replaces a node IP of
+# "127.0.0.1"/"localhost" by the default route's address (eth0) to make it "remotely reachable"; 127.0.0.2 is on lo
+# (127/8) and kept as given.
+NODE_IP = "127.0.0.2"
+
+
+class LocalRayCluster:
+    """A head and worker nodes as separate `ray start --block` processes on NODE_IP, in their own temp dir."""
+
+    def __init__(self, workers: int = 2):
+        # a short path: Ray's unix sockets live under it (108-byte limit)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+        self.port = free_port(NODE_IP)
+        self.address = f"{NODE_IP}:{self.port}"
+        self.env = project_env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
+                               GLOO_SOCKET_IFNAME="lo", RAY_USAGE_STATS_ENABLED="0", ACCELERATE_USE_CPU="true",
+                               TQDM_MININTERVAL="30")
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+        try:
+            self._start(head=True)
+            for _ in range(workers):
+                self._start(head=False)
+            self._wait_for_nodes(1 + workers)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, head: bool) -> None:
+        ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
+                 "--runtime-env-agent-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
+                 "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
+        # workers' ports below the OS's ephemeral range (where free_port's come from), 200 a node
+        base = 11000 + 600 * (os.getpid() % 30) + 200 * len(self.nodes)
+        cmd = [str(VENV_BIN / "ray"), "start", "--block", f"--node-ip-address={NODE_IP}", "--num-cpus=1",
+               "--num-gpus=0", f"--min-worker-port={base}", f"--max-worker-port={base + 199}",
+               *[f"{k}={v}" for k, v in ports.items()]]
+        if head:
+            cmd += [f"--port={self.port}", "--head", f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
+        else:
+            cmd += [f"--address={self.address}"]
+        log = self.temp_dir / f"node-{len(self.nodes)}.log"
+        self.logs.append(log)
+        self.nodes.append(subprocess.Popen(["nice", "-n", "5", *cmd], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                           env=self.env, start_new_session=True))
+        # one node at a time: raylets registering together on 2 loaded cores time out
+        deadline = time.monotonic() + 120
+        while "Ray runtime started" not in log.read_text():
+            if self.nodes[-1].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start did not start a node: {log.read_text()[-4000:]}")
+            time.sleep(0.5)
+
+    def _wait_for_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for node, log in zip(self.nodes, self.logs):
+                if node.poll() is not None:
+                    raise RuntimeError(f"ray start exited: {log.read_text()[-4000:]}")
+            result = subprocess.run([str(VENV_BIN / "ray"), "status", f"--address={self.address}"],
+                                    capture_output=True, text=True, env=self.env)
+            if result.returncode == 0 and result.stdout.count("node_") >= count:
+                return
+            time.sleep(2)
+        raise RuntimeError(f"{count} Ray nodes did not come up: {result.stdout[-2000:]} {result.stderr[-2000:]}")
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this cluster: the `ray start` processes and all their descendants."""
+        found = []
+        for node in self.nodes:
+            try:
+                parent = psutil.Process(node.pid)
+                found += [parent, *parent.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM each `ray start --block` (it stops its node's processes), then SIGKILL what is left, by pid."""
+        survivors = self.processes()
+        for node in reversed(self.nodes):
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                node.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        for proc in survivors:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class ConnectionWatch:
+    """Samples the inet connections of the given processes every 0.2 s in a thread; `remote` collects every remote
+    address seen."""
+
+    def __init__(self, processes):
+        self.processes, self.remote, self.local = processes, set(), set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for proc in [psutil.Process(), *self.processes()]:
+                try:
+                    for conn in proc.net_connections(kind="inet"):
+                        if conn.raddr:
+                            self.remote.add(conn.raddr.ip)
+                        if conn.laddr and conn.status == psutil.CONN_ESTABLISHED:
+                            self.local.add(conn.laddr.ip)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self._stop.wait(0.2)
+
+    def not_loopback(self) -> set[str]:
+        """The addresses seen that are not loopback (an IPv4-mapped IPv6 address counts as its IPv4 one)."""
+        def loopback(ip: str) -> bool:
+            address = ipaddress.ip_address(ip)
+            mapped = getattr(address, "ipv4_mapped", None)
+            return (mapped or address).is_loopback
+
+        return {ip for ip in self.remote | self.local if not loopback(ip)}
+
+
