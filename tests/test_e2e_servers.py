@@ -169,19 +169,22 @@ def test_deployment_run_is_tracked_on_the_mlflow_server(stack: Stack) -> None:
     mlflow_run = mlflow_get(base, "runs/get", run_id=run_id)["run"]
     assert mlflow_run["info"]["status"] == "FINISHED" and mlflow_run["info"]["experiment_id"] == \
         experiment["experiment_id"]
-    assert {m["key"] for m in mlflow_run["data"]["metrics"]} >= {LOSS_METRIC, EVAL_LOSS_METRIC, "learning_rate", "grad_norm", "final_loss"}
-    history = mlflow_get(base, "metrics/get-history", run_id=run_id, metric_key=LOSS_METRIC, max_results=1000)["metrics"]
+    assert {m["key"] for m in mlflow_run["data"]["metrics"]} >= {LOSS_METRIC, EVAL_LOSS_METRIC, "learning_rate",
+                                                                 "grad_norm", "final_loss"}
+    history = mlflow_get(base, "metrics/get-history", run_id=run_id, metric_key=LOSS_METRIC,
+                         max_results=1000)["metrics"]
 
     # one name on both pages, and each links the other: the MLflow run's tags the flow run, the flow run's link
     # artifact the MLflow run's Model metrics page (on the machine-learning pages of MLflow 3's UI)
     assert prefect_run["name"] == mlflow_run["info"]["run_name"] == run_file["run_name"], prefect_run["name"]
     tags = {t["key"]: t["value"] for t in mlflow_run["data"]["tags"]}
     assert tags["prefect.flow_run.id"] == prefect_run["id"] and tags["prefect.flow_run.name"] == prefect_run["name"]
-    assert tags["prefect.flow_run.url"].endswith(f"/runs/flow-run/{prefect_run['id']}"), tags["prefect.flow_run.url"]
-    links = api_post(stack.prefect_api, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [prefect_run["id"]]},
-                                                                           "key": {"any_": ["mlflow-run"]}}})
-    page = f"{base}/#/experiments/{experiment['experiment_id']}/runs/{run_id}/model-metrics?workflowType=machine_learning"
-    assert [a["type"] for a in links] == ["link"] and f"({page})" in links[0]["data"], links
+    assert tags["prefect.flow_run.url"].endswith(f"/flow-runs/flow-run/{prefect_run['id']}"), tags
+    links = api_post(stack.prefect_api, "artifacts/filter",
+                     {"artifacts": {"flow_run_id": {"any_": [prefect_run["id"]]}, "key": {"any_": ["mlflow-run"]}}})
+    page = (f"{base}/#/experiments/{experiment['experiment_id']}/runs/{run_id}/model-metrics"
+            "?workflowType=machine_learning")
+    assert len(links) == 1 and f"]({page})" in links[0]["data"], links  # Prefect's link artifact: markdown [text](url)
     assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
 
     artifacts = artifact_paths(base, run_id)

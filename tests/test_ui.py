@@ -82,7 +82,8 @@ def chart_card(heading, holding: str):
 
 
 PLOT, IMAGE = "div[contains(@class, 'js-plotly-plot')]", "img"
-GRID_IMG = f"img[src*='get-artifact'][src*='{GRID_IMAGE_KEY.replace('/', '~')}']"  # artifact: images/<key, / as ~>+step+N
+# the grid's image on the page: MLflow stores a logged image as the artifact images/<key, / as ~>+step+<N>...
+GRID_IMG = f"img[src*='get-artifact'][src*='{GRID_IMAGE_KEY.replace('/', '~')}']"
 
 
 def chart_title(metric: str) -> str:
@@ -112,6 +113,31 @@ def test_mlflow_experiment_link_opens_the_runs_list(page, mlflow_ui: dict) -> No
     description.wait_for()
     assert "tiny-klein-4b" in description.inner_text()
     page.screenshot(path=ARTIFACTS / "mlflow-run-overview.png")
+
+
+# MLflow 3.17's UI picks an experiment's pages by its workflow type: the URL's `workflowType`, else what this browser
+# chose last with the sidebar's GenAI / Model training switch (localStorage, JSON), else GenAI. Nothing on the server
+# (flag, environment variable, experiment tag) takes part: the switch is client-side only.
+WORKFLOW_STORAGE_KEY = "mlflow.workflowType_v1"
+
+
+def test_mlflow_experiment_list_opens_the_runs_list_once_the_browser_chose_model_training(page, mlflow_ui: dict):
+    """MLflow's own experiment list (no workflowType in its link) opens `flux2-lora` on the GenAI overview in a
+    fresh browser, although the experiment is tagged mlflow.experimentKind=custom_model_development; once the
+    browser chose Model training (the sidebar switch stores it), the same click opens the runs list."""
+    def open_from_the_experiment_list() -> str:
+        page.goto(f"{mlflow_ui['url']}/#/experiments", wait_until="load")
+        page.get_by_role("link", name="flux2-lora", exact=True).first.click()
+        page.wait_for_url(f"**/experiments/{mlflow_ui['experiment_id']}/**")
+        page.wait_for_load_state("networkidle")
+        return page.url
+
+    assert "workflowType=genai" in open_from_the_experiment_list(), page.url
+    page.screenshot(path=ARTIFACTS / "mlflow-experiment-list-fresh-browser.png")
+    page.evaluate(f"localStorage.setItem('{WORKFLOW_STORAGE_KEY}', JSON.stringify('machine_learning'))")
+    url = open_from_the_experiment_list()
+    assert f"/experiments/{mlflow_ui['experiment_id']}/runs" in url and "workflowType=machine_learning" in url, url
+    page.get_by_role("link", name=mlflow_ui["run_name"], exact=True).first.wait_for()
 
 
 def test_mlflow_run_page_shows_the_loss_and_the_validation_grid_without_scrolling(page, mlflow_ui: dict) -> None:
