@@ -126,10 +126,11 @@ def test_mlflow_experiment_list_opens_the_runs_list_once_the_browser_chose_model
     fresh browser, although the experiment is tagged mlflow.experimentKind=custom_model_development; once the
     browser chose Model training (the sidebar switch stores it), the same click opens the runs list."""
     def open_from_the_experiment_list() -> str:
+        page.goto("about:blank")  # a new document: the UI reads the stored switch when it starts
         page.goto(f"{mlflow_ui['url']}/#/experiments", wait_until="load")
         page.get_by_role("link", name="flux2-lora", exact=True).first.click()
-        page.wait_for_url(f"**/experiments/{mlflow_ui['experiment_id']}/**")
-        page.wait_for_load_state("networkidle")
+        # MLflow sends /experiments/<id> on to the workflow type's first page, with workflowType in its URL
+        page.wait_for_url(lambda url: f"/experiments/{mlflow_ui['experiment_id']}/" in url and "workflowType=" in url)
         return page.url
 
     assert "workflowType=genai" in open_from_the_experiment_list(), page.url
