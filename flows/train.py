@@ -21,14 +21,23 @@ from flux2lora.config import PARAMS_FILE, read_raw_params
 from flux2lora.stages import STAGES, DvcPipeline
 from tasks.freshness import check_training_current, mark_run_current
 from tasks.gpu import GPU_STAGES, GpuReservation, ensure_gpu_limit
-from tasks.params import apply_run_parameters
-from tasks.report import publish_run_report
+from tasks.params import apply_run_parameters, form_defaults, refresh_form_defaults
+from tasks.report import link_mlflow_run, publish_run_report
 from tasks.secrets import credentials_from_secret_blocks
 from tasks.stages import pipeline_stage
 
 # The run form's choices: flux2lora.flavours.FLAVOURS (the tiny-* ones are the offline test models). Written out,
 # not derived, so `prefect deploy` and the UI read them from this signature; a test keeps the two lists equal.
 Flavour = Literal["klein-4b", "klein-9b", "dev", "tiny-klein-4b", "tiny-klein-9b", "tiny-dev"]
+
+
+# `prefect deploy` imports this module in the project folder and builds the deployment's parameter schema from the
+# signature below, so the run form opens on the values params.yaml held when deployed (`prefect deploy` again after
+# editing it; each deployment flow run also sets them to what params.yaml holds after its params stage:
+# refresh_form_defaults). Plain types with defaults, not `X | None = None`: Prefect's form shows an Optional as a
+# None/type toggle, and a Literal as a select. A flow run reads the same file again when its worker imports the
+# flow: a value equal to its default is params.yaml's own and not written anywhere (see `given_parameters`).
+FORM_DEFAULTS = form_defaults(Path.cwd() / PARAMS_FILE)
 
 
 @contextmanager
@@ -48,6 +57,24 @@ def _report(project: str, results: dict, params_diff: str, freshness: dict | Non
         publish_run_report(project, results, params_diff, freshness)
     except Exception:
         logger.warning("could not create the run report artifact", exc_info=True)
+
+
+def _refresh_form(project: str, logger) -> None:
+    try:
+        changed = refresh_form_defaults(project)
+        if changed:
+            logger.info("the deployment's run form now opens on params.yaml's %s", changed)
+    except Exception:
+        logger.warning("could not update the deployment's run form defaults", exc_info=True)
+
+
+def _link(project: str, logger) -> None:
+    # like the report: naming and linking are for people, and do not fail a run that trained
+    try:
+        linked = link_mlflow_run(project)
+        logger.info("MLflow run %s%s", linked["run_name"], f": {linked['url']}" if linked["url"] else "")
+    except Exception:
+        logger.warning("could not name this flow run after its MLflow run or link it", exc_info=True)
 
 
 def _run_stages(root: Path, logger) -> dict[str, dict]:
@@ -71,6 +98,13 @@ def _run_stages(root: Path, logger) -> dict[str, dict]:
     return results
 
 
+def given_parameters(**values: Any) -> dict[str, Any]:
+    """The form's parameters that differ from their FORM_DEFAULTS, others as None (not set). A default is the value
+    of the params.yaml in the folder this module was imported in: in a deployment's flow run the project's own, so
+    leaving it out changes nothing; for a flow called with another project_dir, it must not be written there."""
+    return {name: None if value == FORM_DEFAULTS[name] else value for name, value in values.items()}
+
+
 def run_parameters(raw: dict, flavour: str | None, dataset: str | None, steps: int | None,
                    learning_rate: float | None, lora_rank: int | None, base_model: str | None,
                    params_overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -91,11 +125,11 @@ def run_parameters(raw: dict, flavour: str | None, dataset: str | None, steps: i
 
 @flow(name="flux2-lora", log_prints=True)
 def flux2_lora(
-    flavour: Flavour | None = None,
-    dataset: str | None = None,
-    steps: Annotated[int, Field(ge=1)] | None = None,
-    learning_rate: Annotated[float, Field(gt=0)] | None = None,
-    lora_rank: Annotated[int, Field(ge=1)] | None = None,
+    flavour: Flavour = FORM_DEFAULTS["flavour"],
+    dataset: str = FORM_DEFAULTS["dataset"],
+    steps: Annotated[int, Field(ge=1)] = FORM_DEFAULTS["steps"],
+    learning_rate: Annotated[float, Field(gt=0)] = FORM_DEFAULTS["learning_rate"],
+    lora_rank: Annotated[int, Field(ge=1)] = FORM_DEFAULTS["lora_rank"],
     base_model: str | None = None,
     params_overrides: dict[str, Any] | None = None,
     only_if_changed: bool = False,
@@ -103,14 +137,15 @@ def flux2_lora(
 ) -> dict:
     """Train a FLUX.2 LoRA: prepare -> encode-text, encode-latents -> train -> validate -> publish.
 
-    Parameters left empty keep the values in params.yaml. Set ones are written into params.yaml (validated first,
-    the change logged and shown in the run's report) before any stage runs, so dvc.lock and `dvc repro` agree with
-    what this run trained.
+    The form opens on the values of params.yaml when deployed; parameters left at them (or not passed) keep
+    params.yaml. Changed ones are written into params.yaml (validated first, the change logged and shown in the run's
+    report) before any stage runs, so dvc.lock and `dvc repro` agree with what this run trained.
 
     Args:
         flavour: FLUX.2 model to train on (model.model_flavour): klein-4b, klein-9b or dev; tiny-* are the offline
             test models. Without base_model, the flavour's default base repo is used.
-        dataset: Folder of images with .txt captions beside them, relative to the project (prepare.instance_data_dir).
+        dataset: Folder of images with .txt captions beside them, relative to the project (prepare.instance_data_dir);
+            empty: params.yaml's datasets.
         steps: Training steps (train.max_train_steps).
         learning_rate: AdamW learning rate of the LoRA weights (train.learning_rate).
         lora_rank: LoRA rank (train.lora_rank).
@@ -124,9 +159,12 @@ def flux2_lora(
     root = Path(project_dir or os.getcwd()).resolve()
     project = str(root)
     with _working_directory(root), credentials_from_secret_blocks(logger):
-        overrides = run_parameters(read_raw_params(root / PARAMS_FILE), flavour, dataset, steps, learning_rate,
-                                   lora_rank, base_model, params_overrides)
+        given = given_parameters(flavour=flavour, dataset=dataset or FORM_DEFAULTS["dataset"], steps=steps,
+                                 learning_rate=learning_rate, lora_rank=lora_rank)
+        overrides = run_parameters(read_raw_params(root / PARAMS_FILE), base_model=base_model,
+                                   params_overrides=params_overrides, **given)
         params_diff = apply_run_parameters(project, overrides) if overrides else ""
+        _refresh_form(project, logger)
         freshness = None
         if only_if_changed:
             freshness = check_training_current(project)
@@ -140,6 +178,8 @@ def flux2_lora(
         ensure_gpu_limit(logger)
         results = _run_stages(root, logger)
         mark_run_current(project, logger)
+        if results["train"]["ran"]:
+            _link(project, logger)
         ran = [n for n, r in results.items() if r["ran"]]
         logger.info("pipeline finished: ran %s", ", ".join(ran) if ran else "nothing (everything up to date)")
         publish = results["publish"].get("summary") or {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from flux2lora import tracking
 from flux2lora.config import PARAMS_FILE, load_params
@@ -20,6 +20,7 @@ from flux2lora.layout import layout_for
 
 
 ARTIFACT_KEY = "flux2-lora-run"
+LINK_KEY = "mlflow-run"  # the link artifact to the MLflow run page of the flow run's training
 CAPTION_REASONS = ("missing_caption", "empty_caption", "undecodable_caption")
 
 
@@ -127,3 +128,32 @@ def publish_run_report(project_dir: str, results: dict[str, dict], params_diff: 
     markdown = report_markdown(Path(project_dir), results, params_diff, freshness)
     create_markdown_artifact(markdown=markdown, key=ARTIFACT_KEY, description="flux2-lora run report")
     return markdown
+
+
+def link_mlflow_run(project_dir: str) -> dict[str, str]:
+    """After a train stage that ran in this flow run: name the flow run after the MLflow run it logged to (the same
+    name on both pages; the train stage names a new MLflow run after the flow run already, this covers
+    `tracking.run_name` and resumed runs), and, on an MLflow server, link the run's Model metrics page as the link
+    artifact LINK_KEY (with workflowType=machine_learning). Returns the MLflow run's name, id and page URL ("" on a
+    local store, which has no page)."""
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    root = Path(project_dir)
+    params = load_params(root / PARAMS_FILE)
+    run_id = json.loads(layout_for(root, params.output_dir).run_file.read_text())["run_id"]
+    uri = tracking.tracking_uri(params, root)
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    name = run.info.run_name
+    if flow_run.id and flow_run.name != name:
+        with get_client(sync_client=True) as prefect:
+            prefect.update_flow_run(flow_run.id, name=name)
+        client.set_tag(run_id, "prefect.flow_run.name", name)
+    url = ""
+    if uri.startswith(("http://", "https://")):
+        url = tracking.run_url(uri, run.info.experiment_id, run_id, "model-metrics")
+        create_link_artifact(link=url, link_text=f"MLflow run {name}", key=LINK_KEY,
+                             description="The MLflow run of this flow run's training: loss, validation grid, LoRA")
+    return {"run_name": name, "run_id": run_id, "url": url}

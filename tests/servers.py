@@ -137,10 +137,11 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def api_post(api_url: str, path: str, body: dict | None = None, timeout: float = 10.0):
-    """POST JSON to a REST API (e.g. Prefect's `/work_pools/NAME/workers/filter`); returns the decoded answer."""
+def api_post(api_url: str, path: str, body: dict | None = None, timeout: float = 10.0, method: str = "POST"):
+    """POST (or `method`) JSON to a REST API (e.g. Prefect's `/work_pools/NAME/workers/filter`); returns the decoded
+    answer."""
     request = urllib.request.Request(f"{api_url.rstrip('/')}/{path.lstrip('/')}",
-                                     data=json.dumps(body or {}).encode(), method="POST",
+                                     data=json.dumps(body or {}).encode(), method=method,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"null")

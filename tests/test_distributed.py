@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from flux2lora.config import load_params
 from flux2lora.stages import run_stage
+from flux2lora.tracking import LOSS_METRIC
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,7 @@ def test_ddp_on_two_cpu_processes_trains_and_saves_one_lora_equal_to_one_process
     runs = client.search_runs([client.get_experiment_by_name("flux2-lora").experiment_id])
     assert len(runs) == 2  # the DDP run (rank 0 only) and the single-process one
     ddp_run = next(r for r in runs if r.info.run_id == summary["mlflow_run_id"])
-    assert [m.step for m in client.get_metric_history(ddp_run.info.run_id, "loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(ddp_run.info.run_id, LOSS_METRIC)] == [1, 2, 3]
     assert ddp_run.data.metrics["final_loss"] == pytest.approx(summary["final_loss"])
 
 

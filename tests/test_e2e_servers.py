@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from helpers import VENV_BIN, make_project
-from servers import PREFECT, LOOPBACK, PrefectAPI, api_get, http_ok, log_tail, prefect_env
+from servers import PREFECT, LOOPBACK, PrefectAPI, api_get, api_post, http_ok, log_tail, prefect_env
+
+from flux2lora.tracking import EVAL_LOSS_METRIC, GRID_IMAGE_KEY, LOSS_METRIC
 
 pytestmark = pytest.mark.slow
 
@@ -155,8 +157,8 @@ def test_deployment_run_is_tracked_on_the_mlflow_server(stack: Stack) -> None:
     print(f"\ndeployment run: {time.monotonic() - started:.0f}s")
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
     assert proc.returncode == 0 and flow_run_id, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{stack.logs()}"
-    state = PrefectAPI(stack.prefect_api).flow_run(flow_run_id.group(1))["state"]
-    assert state["type"] == "COMPLETED", state
+    prefect_run = PrefectAPI(stack.prefect_api).flow_run(flow_run_id.group(1))
+    assert prefect_run["state"]["type"] == "COMPLETED", prefect_run["state"]
 
     run_file = json.loads((project / "outputs/train/mlflow_run.json").read_text())
     run_id = run_file["run_id"]
@@ -167,13 +169,27 @@ def test_deployment_run_is_tracked_on_the_mlflow_server(stack: Stack) -> None:
     mlflow_run = mlflow_get(base, "runs/get", run_id=run_id)["run"]
     assert mlflow_run["info"]["status"] == "FINISHED" and mlflow_run["info"]["experiment_id"] == \
         experiment["experiment_id"]
-    assert {m["key"] for m in mlflow_run["data"]["metrics"]} >= {"loss", "learning_rate", "grad_norm", "final_loss"}
-    history = mlflow_get(base, "metrics/get-history", run_id=run_id, metric_key="loss", max_results=1000)["metrics"]
+    assert {m["key"] for m in mlflow_run["data"]["metrics"]} >= {LOSS_METRIC, EVAL_LOSS_METRIC, "learning_rate",
+                                                                 "grad_norm", "final_loss"}
+    history = mlflow_get(base, "metrics/get-history", run_id=run_id, metric_key=LOSS_METRIC,
+                         max_results=1000)["metrics"]
+
+    # one name on both pages, and each links the other: the MLflow run's tags the flow run, the flow run's link
+    # artifact the MLflow run's Model metrics page (on the machine-learning pages of MLflow 3's UI)
+    assert prefect_run["name"] == mlflow_run["info"]["run_name"] == run_file["run_name"], prefect_run["name"]
+    tags = {t["key"]: t["value"] for t in mlflow_run["data"]["tags"]}
+    assert tags["prefect.flow_run.id"] == prefect_run["id"] and tags["prefect.flow_run.name"] == prefect_run["name"]
+    assert tags["prefect.flow_run.url"].endswith(f"/flow-runs/flow-run/{prefect_run['id']}"), tags
+    links = api_post(stack.prefect_api, "artifacts/filter",
+                     {"artifacts": {"flow_run_id": {"any_": [prefect_run["id"]]}, "key": {"any_": ["mlflow-run"]}}})
+    page = (f"{base}/#/experiments/{experiment['experiment_id']}/runs/{run_id}/model-metrics"
+            "?workflowType=machine_learning")
+    assert len(links) == 1 and f"]({page})" in links[0]["data"], links  # Prefect's link artifact: markdown [text](url)
     assert sorted(m["step"] for m in history) == list(range(1, STEPS + 1))
 
     artifacts = artifact_paths(base, run_id)
-    images = [p for p in artifacts if p.startswith("images/validation~") and p.endswith(".png")]
-    assert any(p.startswith("images/validation~grid+step+") for p in images), artifacts
+    images = [p for p in artifacts if p.startswith("images/")]
+    assert any(p.startswith(f"images/{GRID_IMAGE_KEY.replace('/', '~')}+step+") for p in images), artifacts
     assert "validation/grid.png" in artifacts, artifacts
     assert download(base, run_id, "validation/grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
     lora = (project / LORA).read_bytes()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from flux2lora.config import load_params
 from flux2lora.layout import layout_for
 from flux2lora.stages import run_stage
+from flux2lora.tracking import EVAL_LOSS_METRIC
 from flux2lora.train.draws import Sample
 from flux2lora.train.evaluation import key_fraction, sigma_metric, split_for_evaluation
 
@@ -85,7 +86,7 @@ def _eval_history(root: Path) -> dict[str, dict[int, float]]:
     layout = layout_for(root, "outputs")
     run_id = json.loads(layout.run_file.read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    keys = ["eval_loss"] + [sigma_metric(s) for s in SIGMAS]
+    keys = [EVAL_LOSS_METRIC] + [sigma_metric(s) for s in SIGMAS]
     return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
 
 
@@ -102,8 +103,8 @@ def test_eval_curves_are_in_mlflow_per_sigma_and_the_lora_beats_the_base_on_held
         assert sorted(curve) == EVAL_STEPS, key
     for step in EVAL_STEPS:  # eval_loss is the mean of the bands
         bands = [history[sigma_metric(s)][step] for s in SIGMAS]
-        assert history["eval_loss"][step] == pytest.approx(sum(bands) / len(bands), rel=1e-12)
-    curve = history["eval_loss"]
+        assert history[EVAL_LOSS_METRIC][step] == pytest.approx(sum(bands) / len(bands), rel=1e-12)
+    curve = history[EVAL_LOSS_METRIC]
     assert curve[8] < curve[0], f"the trained LoRA should score below the base on held-out images: {curve}"
     metrics = json.loads(layout_for(with_eval, "outputs").train_metrics.read_text())
     assert metrics["eval_loss"] == pytest.approx(curve[8])
@@ -121,7 +122,7 @@ def test_evaluation_leaves_training_bitwise_unchanged(with_eval, encoded, tmp_pa
     b = load_file(str(layout_for(without, "outputs").lora_file))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "evaluation changed the trained LoRA"
-    assert _eval_history(without)["eval_loss"] == {}
+    assert _eval_history(without)[EVAL_LOSS_METRIC] == {}
 
 
 def test_the_eval_curve_is_identical_across_a_kill_and_resume(with_eval, encoded, tmp_path, monkeypatch):
@@ -183,7 +184,7 @@ def test_best_eval_publishes_the_lowest_eval_loss_step_and_early_stopping_ends_t
     with caplog.at_level(logging.WARNING, logger="flux2lora.train.recipe"):
         run_stage("train", root / "params.yaml")
     layout = layout_for(root, "outputs")
-    curve = _eval_history(root)["eval_loss"]
+    curve = _eval_history(root)[EVAL_LOSS_METRIC]
     best = min(curve, key=curve.get)
     metrics = json.loads(layout.train_metrics.read_text())
     assert 0 < best and metrics["selected_step"] == best == metrics["best_eval_step"], (curve, metrics)

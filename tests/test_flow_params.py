@@ -45,6 +45,13 @@ def test_run_form_shows_typed_described_parameters(flow_schema):
         assert prop.get("description"), f"parameter {name} has no description in the run form"
     assert "train.max_train_steps" in props["steps"]["description"]
     assert flow_schema["required"] == []  # every parameter is optional: params.yaml has the defaults
+    # the form's fields are plain (no None/type toggle) and open on params.yaml's values (the repository's here:
+    # pytest imports the flow in the repository root, as `prefect deploy` does in a project)
+    params = load_params(REPO / "params.yaml")
+    for name, value in (("flavour", params.model.model_flavour), ("dataset", params.prepare.instance_data_dir),
+                        ("steps", params.train.max_train_steps), ("learning_rate", params.train.learning_rate),
+                        ("lora_rank", params.train.lora_rank)):
+        assert "anyOf" not in props[name] and props[name]["default"] == value, (name, props[name])
     assert [p for p, _ in sorted(props.items(), key=lambda kv: kv[1]["position"])][:4] == \
         ["flavour", "dataset", "steps", "learning_rate"]
 
@@ -82,6 +89,25 @@ def test_invalid_run_parameters_change_nothing(params_file):
     with pytest.raises(ParamsError, match="did you mean 'train.learning_rate'"):
         write_overrides(params_file, {"train.learnig_rate": 0.1})
     assert params_file.read_bytes() == before
+
+
+def test_form_defaults_come_from_params_yaml_and_leave_other_projects_alone(tmp_path):
+    """The form's defaults are a params.yaml's values (the library's where there is none); a flow parameter equal to
+    its default is not written anywhere, so a flow called on another project keeps that project's params.yaml."""
+    from flows.train import FORM_DEFAULTS, given_parameters
+    from tasks.params import form_defaults, write_overrides
+
+    path = tmp_path / "params.yaml"
+    shutil.copy2(REPO / "params.yaml", path)
+    write_overrides(path, {"train.max_train_steps": 1234, "model.model_flavour": "tiny-dev",
+                           "model.pretrained_model_name_or_path": None})
+    assert form_defaults(path) == {"flavour": "tiny-dev", "dataset": "data/demo", "steps": 1234,
+                                   "learning_rate": 0.01, "lora_rank": 8}
+    assert form_defaults(tmp_path / "missing.yaml") == {"flavour": "klein-9b", "dataset": "", "steps": 1000,
+                                                        "learning_rate": 1e-4, "lora_rank": 16}
+    assert given_parameters(**FORM_DEFAULTS) == dict.fromkeys(FORM_DEFAULTS)
+    changed = dict(FORM_DEFAULTS, steps=FORM_DEFAULTS["steps"] + 1)
+    assert given_parameters(**changed) == dict(dict.fromkeys(FORM_DEFAULTS), steps=changed["steps"])
 
 
 def test_new_flavour_without_base_model_uses_the_flavours_default_repo():

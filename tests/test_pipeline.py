@@ -16,6 +16,7 @@ from flux2lora.config import load_params
 from flux2lora.latents import pack, target_ids, text_ids
 from flux2lora.layout import layout_for
 from flux2lora.models import load_transformer
+from flux2lora.tracking import GRID_IMAGE_KEY, LOSS_METRIC
 
 
 def _layout(root):
@@ -64,19 +65,19 @@ def test_mlflow_run_has_params_tags_losses_images_and_the_lora(trained_project):
     assert run.data.tags["flavour"] == "tiny-klein-4b"
     assert run.data.tags["git_commit"] not in ("", None)
     assert "dataset_dvc_hash" in run.data.tags
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, LOSS_METRIC)
     assert len(losses) >= 20
     for name in ("learning_rate", "grad_norm", "step_time_s"):
         assert len(client.get_metric_history(run.info.run_id, name)) == len(losses)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "lora")}
     assert "lora/pytorch_lora_weights.safetensors" in artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
-    assert any("validation~grid+step+30" in p for p in images), images
+    assert any(f"{GRID_IMAGE_KEY.replace('/', '~')}+step+30" in p for p in images), images
     assert "publish" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_logged_training_loss_falls(trained_project):
-    history = _client(trained_project).get_metric_history(_run_id(trained_project), "loss")
+    history = _client(trained_project).get_metric_history(_run_id(trained_project), LOSS_METRIC)
     losses = [m.value for m in sorted(history, key=lambda m: m.step)]
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
 

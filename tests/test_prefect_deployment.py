@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from helpers import make_project, run
-from servers import PREFECT, Background, PrefectAPI, prefect_env, prefect_server, prefect_worker
+from servers import PREFECT, Background, PrefectAPI, api_get, api_post, prefect_env, prefect_server, prefect_worker
 
 pytestmark = pytest.mark.slow
 
@@ -211,11 +211,23 @@ def test_dvc_then_deployment(prefect_stack: PrefectStack, tmp_path: Path) -> Non
     before = snapshot(project)
     assert before["mlflow runs"] == 1
 
+    from tasks.params import form_defaults
+
     deploy(stack, project, pwd=stack.home)
+    # the run form opens on params.yaml's values; made stale here (as by an edit of params.yaml after deploying),
+    # a flow run sets them back to what params.yaml holds
+    deployment = api_get(stack.api_url, f"deployments/name/{DEPLOYMENT}")
+    schema = deployment["parameter_openapi_schema"]
+    current = form_defaults(project / "params.yaml")
+    assert {name: schema["properties"][name]["default"] for name in current} == current
+    schema["properties"]["steps"]["default"] = current["steps"] + 1
+    api_post(stack.api_url, f"deployments/{deployment['id']}", {"parameter_openapi_schema": schema}, method="PATCH")
     started = time.monotonic()
     flow_run_id = run_deployment(stack, project)
     print(f"deployment run after dvc repro {flow_run_id}: {time.monotonic() - started:.0f}s")
     assert_all_skipped(stack, flow_run_id)
     assert snapshot(project) == before
+    schema = api_get(stack.api_url, f"deployments/name/{DEPLOYMENT}")["parameter_openapi_schema"]
+    assert {name: schema["properties"][name]["default"] for name in current} == current
     status = run(["dvc", "status"], project).stdout
     assert "Data and pipelines are up to date" in status, status

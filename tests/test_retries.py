@@ -25,6 +25,7 @@ from flux2lora import faults
 from flux2lora.config import load_params
 from flux2lora.layout import layout_for
 from flux2lora.stages import run_stage
+from flux2lora.tracking import LOSS_METRIC
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +131,7 @@ def test_resume_after_fault_gives_same_lora(prefect_api, tmp_path, monkeypatch, 
     run = client.get_run(summary["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "10"
     assert len(client.search_runs([run.info.experiment_id])) == 1
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")}) == list(range(1, 31))
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, LOSS_METRIC)}) == list(range(1, 31))
     assert any(name.startswith("system/cpu") for name in run.data.metrics)  # MLflow system metrics (psutil)
 
     # an uninterrupted training on the same cached inputs

@@ -17,6 +17,7 @@ from helpers import make_project, project_env, set_params
 
 from flux2lora.layout import layout_for
 from flux2lora.stages import run_stage
+from flux2lora.tracking import LOSS_METRIC
 from flux2lora.train.recipe import TrainingLock
 
 pytestmark = pytest.mark.slow
@@ -97,7 +98,7 @@ def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, tmp
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads(layout.run_file.read_text())["run_id"]
-    history = MlflowClient(f"sqlite:///{encoded / 'mlflow.db'}").get_metric_history(run_id, "loss")
+    history = MlflowClient(f"sqlite:///{encoded / 'mlflow.db'}").get_metric_history(run_id, LOSS_METRIC)
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6], "each step's loss is logged exactly once"
     assert {r.info.run_id: r.info.status for r in runs(encoded)}[run_id] == "FINISHED"
     assert not active.exists()

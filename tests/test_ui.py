@@ -1,7 +1,7 @@
 """The UIs people use, in a real headless Chromium (Debian's `chromium` package) driven by Playwright, in a 1440x900
-window: the experiment link we print opens MLflow's runs list, the run page shows its description, the validation
-grid without scrolling, the loss chart and the validation images; the Prefect UI's run form for `flux2-lora/train`
-shows the flow's parameters, the flavour as a choice.
+window: the experiment link we print opens MLflow's runs list, the run page shows its description, the loss chart,
+the eval loss and the validation grid without scrolling, and the validation images; the Prefect UI's run form for
+`flux2-lora/train` shows the flow's parameters, opened on params.yaml's values, the flavour as a plain choice.
 
 Screenshots are kept in test-artifacts/ (or $TEST_ARTIFACTS_DIR): one per assertion and one of each test's page at
 its end, also when it fails. Without Chromium the module is skipped, unless FLUX2LORA_REQUIRE_BROWSER=1 (CI).
@@ -13,12 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from flux2lora import tracking
+from flux2lora.tracking import EVAL_LOSS_METRIC, GRID_IMAGE_KEY, LOSS_METRIC
 from helpers import REPO
 from servers import PREFECT, api_get, mlflow_server, prefect_env, prefect_server
 
@@ -61,18 +61,6 @@ def page(browser, request):
         context.close()
 
 
-def scroll_until(page, found, what: str, timeout: float = 60) -> None:
-    """Scroll the page's content down, a screen at a time, until `found()` is true. MLflow renders a chart only
-    while it is in view (and unmounts it again), so what a test looks for must be scrolled to and checked there."""
-    deadline = time.monotonic() + timeout
-    page.mouse.move(700, 600)
-    while not found():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not found within {timeout:.0f}s of scrolling")
-        page.mouse.wheel(0, 500)
-        time.sleep(0.5)
-
-
 # --- MLflow ----------------------------------------------------------------------------------------------------
 
 
@@ -94,6 +82,13 @@ def chart_card(heading, holding: str):
 
 
 PLOT, IMAGE = "div[contains(@class, 'js-plotly-plot')]", "img"
+# the grid's image on the page: MLflow stores a logged image as the artifact images/<key, / as ~>+step+<N>...
+GRID_IMG = f"img[src*='get-artifact'][src*='{GRID_IMAGE_KEY.replace('/', '~')}']"
+
+
+def chart_title(metric: str) -> str:
+    """A metric chart's title on the run page: the key less its section (MLflow shows `training/loss` as `loss`)."""
+    return metric.rsplit("/", 1)[-1]
 IN_WINDOW = ("el => { const r = el.getBoundingClientRect(); return r.width > 0 && r.height > 0 && r.left >= 0 && "
              "r.top >= 0 && r.right <= window.innerWidth && r.bottom <= window.innerHeight }")
 # nothing opaque over the element's centre (MLflow lays a transparent card container over its image cards)
@@ -120,12 +115,38 @@ def test_mlflow_experiment_link_opens_the_runs_list(page, mlflow_ui: dict) -> No
     page.screenshot(path=ARTIFACTS / "mlflow-run-overview.png")
 
 
-def test_mlflow_run_page_shows_the_validation_grid_without_scrolling(page, mlflow_ui: dict) -> None:
-    """The Model metrics tab, as opened in a 1440x900 window: the validation grid (the first chart: no section of
-    bar charts above it, its card headed by the compact run params) is inside the window, loaded and not covered,
-    before any scrolling; the loss chart, further down, fits the window once scrolled to."""
+# MLflow 3.17's UI picks an experiment's pages by its workflow type: the URL's `workflowType`, else what this browser
+# chose last with the sidebar's GenAI / Model training switch (localStorage, JSON), else GenAI. Nothing on the server
+# (flag, environment variable, experiment tag) takes part: the switch is client-side only.
+WORKFLOW_STORAGE_KEY = "mlflow.workflowType_v1"
+
+
+def test_mlflow_experiment_list_opens_the_runs_list_once_the_browser_chose_model_training(page, mlflow_ui: dict):
+    """MLflow's own experiment list (no workflowType in its link) opens `flux2-lora` on the GenAI overview in a
+    fresh browser, although the experiment is tagged mlflow.experimentKind=custom_model_development; once the
+    browser chose Model training (the sidebar switch stores it), the same click opens the runs list."""
+    def open_from_the_experiment_list() -> str:
+        page.goto("about:blank")  # a new document: the UI reads the stored switch when it starts
+        page.goto(f"{mlflow_ui['url']}/#/experiments", wait_until="load")
+        page.get_by_role("link", name="flux2-lora", exact=True).first.click()
+        # MLflow sends /experiments/<id> on to the workflow type's first page, with workflowType in its URL
+        page.wait_for_url(lambda url: f"/experiments/{mlflow_ui['experiment_id']}/" in url and "workflowType=" in url)
+        return page.url
+
+    assert "workflowType=genai" in open_from_the_experiment_list(), page.url
+    page.screenshot(path=ARTIFACTS / "mlflow-experiment-list-fresh-browser.png")
+    page.evaluate(f"localStorage.setItem('{WORKFLOW_STORAGE_KEY}', JSON.stringify('machine_learning'))")
+    url = open_from_the_experiment_list()
+    assert f"/experiments/{mlflow_ui['experiment_id']}/runs" in url and "workflowType=machine_learning" in url, url
+    page.get_by_role("link", name=mlflow_ui["run_name"], exact=True).first.wait_for()
+
+
+def test_mlflow_run_page_shows_the_loss_and_the_validation_grid_without_scrolling(page, mlflow_ui: dict) -> None:
+    """The Model metrics tab, as opened in a 1440x900 window, before any scrolling: the `training` section first, one
+    row of the training loss chart drawing its line, the mean eval loss and the validation grid (its card headed by
+    the compact run params), all inside the window, the grid's image loaded and not covered."""
     page.goto(mlflow_ui["metrics_page"], wait_until="load")
-    image = page.locator("img[src*='get-artifact'][src*='validation~grid']").first
+    image = page.locator(GRID_IMG).first
     image.wait_for()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
     # the cards settle (params text, slider) after the image loads: wait for a layout in which it is on top
@@ -136,31 +157,30 @@ def test_mlflow_run_page_shows_the_validation_grid_without_scrolling(page, mlflo
         where = image.evaluate("el => { const r = el.getBoundingClientRect(); const hs = document.elementsFromPoint("
                                "r.x + r.width / 2, r.y + r.height / 2); return [r.x, r.y, r.width, r.height, "
                                "getComputedStyle(el).pointerEvents, getComputedStyle(el).visibility, "
-                               "document.querySelectorAll(\"img[src*='validation~grid']\").length, "
+                               f"document.querySelectorAll(\"{GRID_IMG}\").length, "
                                "hs.slice(0, 4).map(h => h.tagName + '.' + h.className + ' ' + getComputedStyle(h).pointerEvents)] }")
         raise AssertionError(f"the validation grid is not inside the window, on top: {where}") from None
     assert image.evaluate("img => img.naturalWidth") > 0
+    for metric in (LOSS_METRIC, EVAL_LOSS_METRIC):
+        card = chart_card(page.get_by_role("heading", name=chart_title(metric), exact=True).first, PLOT)
+        card.locator("path.js-line").first.wait_for()  # drawn where it is: nothing was scrolled
+        plot = card.locator(".js-plotly-plot").first
+        assert plot.evaluate(IN_WINDOW), (metric, plot.bounding_box())
+    assert page.evaluate("document.scrollingElement.scrollTop") == 0
     page.screenshot(path=ARTIFACTS / "mlflow-run-page-window.png")
-
-    title = page.get_by_role("heading", name="loss", exact=True).first
-    line = chart_card(title, PLOT).locator("path.js-line").first
-    scroll_until(page, lambda: title.is_visible() and line.is_visible(), "the loss chart with its line")
-    plot = chart_card(title, PLOT).locator(".js-plotly-plot").first
-    assert plot.evaluate(IN_WINDOW), plot.bounding_box()
-    page.screenshot(path=ARTIFACTS / "mlflow-run-page-loss.png")
 
 
 def test_mlflow_ui_shows_the_loss_chart(page, mlflow_ui: dict) -> None:
-    """The run's Model metrics tab has a `loss` chart drawing the run's loss at every training step."""
+    """The run's Model metrics tab has a `loss/train` chart drawing the run's loss at every training step."""
     history = api_get(mlflow_ui["url"], f"api/2.0/mlflow/metrics/get-history?run_id={mlflow_ui['run_id']}"
-                                        "&metric_key=loss&max_results=1000")["metrics"]
+                                        f"&metric_key={LOSS_METRIC.replace('/', '%2F')}&max_results=1000")["metrics"]
     assert len(history) > 1
     page.goto(mlflow_ui["metrics_page"], wait_until="load")
     page.get_by_placeholder("Search metric charts").wait_for()
-    title = page.get_by_role("heading", name="loss", exact=True).first
+    title = page.get_by_role("heading", name=chart_title(LOSS_METRIC), exact=True).first
     card = chart_card(title, PLOT)
     line = card.locator("path.js-line").first
-    scroll_until(page, lambda: title.is_visible() and line.is_visible(), "the loss chart with its line")
+    line.wait_for()  # the first chart of the page: in view as it opens (MLflow draws only the charts in view)
     # what plotly draws: the chart's traces (x = step, y = loss)
     traces = card.locator(".js-plotly-plot").first.evaluate(
         "plot => plot.data.map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}))")
@@ -168,16 +188,16 @@ def test_mlflow_ui_shows_the_loss_chart(page, mlflow_ui: dict) -> None:
     drawn = [t for t in traces if mlflow_ui["run_name"] in (t["name"] or "") and t["x"] == [m["step"] for m in steps]]
     assert drawn, traces
     assert drawn[0]["y"] == pytest.approx([m["value"] for m in steps])
-    assert f"{mlflow_ui['run_name']} (loss)" in card.inner_text()
+    assert f"{mlflow_ui['run_name']} ({LOSS_METRIC})" in card.inner_text()
     card.screenshot(path=ARTIFACTS / "mlflow-loss-chart.png")
 
 
 def test_mlflow_ui_shows_the_validation_images(page, mlflow_ui: dict) -> None:
     """The validation grid and the per-prompt images are image charts on the same tab, loaded from the server."""
     page.goto(mlflow_ui["metrics_page"], wait_until="load")
-    for key in ("validation/grid", "validation/base"):
+    for key in (GRID_IMAGE_KEY, "validation/base"):
         page.get_by_text(key, exact=True).first.wait_for()
-    image = page.locator("img[src*='get-artifact'][src*='validation~grid']").first
+    image = page.locator(GRID_IMG).first
     # the image sits below the run's parameters in its card: scrolled into view, it must have loaded
     image.scroll_into_view_if_needed()
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=image.element_handle())
@@ -186,23 +206,32 @@ def test_mlflow_ui_shows_the_validation_images(page, mlflow_ui: dict) -> None:
              "r.y + r.height / 2) === img }"
     assert image.evaluate(on_top), "the validation image is covered or outside the window"
     image.screenshot(path=ARTIFACTS / "mlflow-validation-grid.png")
-    chart_card(page.get_by_role("heading", name="validation/grid", exact=True), IMAGE).screenshot(
+    chart_card(page.get_by_role("heading", name=GRID_IMAGE_KEY, exact=True), IMAGE).screenshot(
         path=ARTIFACTS / "mlflow-validation-card.png")
-    shown = page.locator("img[src*='get-artifact'][src*='validation~']")
+    shown = page.locator(f"{GRID_IMG}, img[src*='get-artifact'][src*='validation~']")
     assert shown.count() >= 3, "expected the grid and per-prompt validation images"
 
 
 # --- Prefect ---------------------------------------------------------------------------------------------------
 
 
+FORM_STEPS, FORM_FLAVOUR = 1234, "tiny-dev"  # the project's params.yaml, edited: not the repository's values
+
+
 @pytest.fixture(scope="module")
 def prefect_ui(tmp_path_factory) -> dict:
-    """A Prefect server with the deployment flux2-lora/train registered from the repository's prefect.yaml and flow
-    (no worker: the form is what is tested, nothing is run)."""
+    """A Prefect server with the deployment flux2-lora/train registered from the repository's prefect.yaml and flow,
+    in a project whose params.yaml has steps FORM_STEPS and flavour FORM_FLAVOUR (no worker: the form is what is
+    tested, nothing is run)."""
+    from flux2lora.params_file import write_overrides
+
     base = tmp_path_factory.mktemp("prefect-ui")
     project = base / "project"
     project.mkdir()
     shutil.copy2(REPO / "prefect.yaml", project / "prefect.yaml")
+    shutil.copy2(REPO / "params.yaml", project / "params.yaml")
+    write_overrides(project / "params.yaml", {"train.max_train_steps": FORM_STEPS, "model.model_flavour": FORM_FLAVOUR,
+                                              "model.pretrained_model_name_or_path": None})
     for folder in ("flows", "tasks"):
         shutil.copytree(REPO / folder, project / folder, ignore=shutil.ignore_patterns("__pycache__"))
     with prefect_server(base / "home") as api_url:
@@ -235,22 +264,25 @@ def test_prefect_run_form_lists_the_flow_parameters(page, prefect_ui: dict) -> N
 
 
 def test_prefect_run_form_offers_the_flavour_choice(page, prefect_ui: dict) -> None:
-    """`flavour` is a typed choice in the form: a select listing klein-4b, klein-9b and dev (and the tiny test
-    models), not a free text field."""
+    """`flavour` is a plain choice in the form: a select (no None/type toggle) showing params.yaml's flavour and
+    listing klein-4b, klein-9b and dev (and the tiny test models); `steps` shows params.yaml's steps."""
     flavour = prefect_ui["deployment"]["parameter_openapi_schema"].get("properties", {}).get("flavour")
     assert flavour, "the flow has no `flavour` parameter (flows/train.py)"
-    choices = next((s["enum"] for s in [flavour, *flavour.get("anyOf", [])] if "enum" in s), None)
-    assert choices and set(REAL_FLAVOURS) <= set(choices), flavour
+    choices = flavour.get("enum")
+    assert choices and set(REAL_FLAVOURS) <= set(choices) and flavour.get("default") == FORM_FLAVOUR, flavour
 
     page.goto(prefect_ui["form"], wait_until="load")
     page.get_by_text("Parameters", exact=True).wait_for()
+    steps = form_property(page, "steps").locator("input").first
+    steps.wait_for()
+    assert steps.input_value() == str(FORM_STEPS)
     field = form_property(page, "flavour")
     field.wait_for()
+    assert field.get_by_role("button", name="None", exact=True).count() == 0  # no type toggle
     select = field.locator(".p-select-button__control")
-    if select.count() == 0:
-        # an optional choice (Literal | None) starts as None: pick the choice type of its type toggle
-        field.get_by_role("button", name="None", exact=True).wait_for()
-        field.locator("button").filter(has_text="str").first.click()
+    select.first.wait_for()
+    assert FORM_FLAVOUR in select.first.inner_text()
+    page.screenshot(path=ARTIFACTS / "prefect-run-form-defaults.png", full_page=True)
     select.first.click()
     options = page.get_by_role("option")
     if options.count() == 0:  # the select opens on the keyboard when the click only focused it

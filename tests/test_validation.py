@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from flux2lora.config import load_params, parse_params
 from flux2lora.layout import layout_for
 from flux2lora.stages import run_stage
+from flux2lora.tracking import GRID_IMAGE_KEY
 
 PROMPTS = ("shape_subject", "study_subject")
 RESOLUTIONS = ("64x64", "32x48")
@@ -59,7 +60,7 @@ def _logged_images(root: Path) -> dict[tuple[str, int], list[str]]:
 def test_grid_is_logged_at_every_interval_and_at_the_end(project):
     """The loop logs step 2; the final step 4 is logged once, by the validate stage (not also by the loop)."""
     images = _logged_images(project)
-    grids = {step: paths for (key, step), paths in images.items() if key == "validation~grid"}
+    grids = {step: paths for (key, step), paths in images.items() if key == GRID_IMAGE_KEY.replace("/", "~")}
     assert sorted(grids) == [2, 4]
     assert all(len(paths) == 1 for paths in grids.values())
     client, run_id = _run(project)

@@ -42,6 +42,19 @@ WORKFLOW_QUERY = "workflowType=machine_learning"
 RUN_CARD_PARAMS = ("model.model_flavour", "prepare.instance_data_dir", "train.max_train_steps", "train.learning_rate",
                    "train.lora_rank")
 PARAMS_ARTIFACT = "params/params.json"
+
+# The run's Model metrics tab groups charts (metrics and images alike) into sections by the key's prefix before its
+# last `/`, puts the named sections in name order first, then the unprefixed keys ("Model metrics"), then "System
+# metrics", and orders the charts of a section by key, metrics before images (mlflow/server/js:
+# RunsChartsCardConfig.getBaseChartAndSectionConfigs, MLflow 3.17). The section `training` sorts before
+# `validation` (the per-prompt images) and `validation_eval_loss` (the per-sigma eval curves) and holds the three
+# charts a run is judged by, in one row: the training loss, the mean eval loss and the validation grid with its
+# step slider, all inside a 1440x900 window without scrolling (tests/test_ui.py; in two sections, a row of loss
+# charts pushed the grid's image below the window). learning_rate, grad_norm, step_time_s: "Model metrics", after.
+OVERVIEW_SECTION = "training"
+LOSS_METRIC = f"{OVERVIEW_SECTION}/loss"
+EVAL_LOSS_METRIC = f"{OVERVIEW_SECTION}/loss_eval"  # after `loss`, before the grid: the section sorts its keys
+GRID_IMAGE_KEY = f"{OVERVIEW_SECTION}/validation_grid"
 PARAMS_DIFF_ARTIFACT = "params/params.yaml.diff"
 
 
@@ -232,6 +245,12 @@ def _prefect_flow_run() -> dict[str, str]:
                 "prefect.flow_run.url": flow_run.ui_url or ""}
     except Exception:  # no API to ask (a flow run's context without its server): nothing to link
         return {}
+
+
+def prefect_flow_run_name() -> str | None:
+    """The name of the Prefect flow run this process runs in (also a train stage that `accelerate launch` started
+    from one); None outside one."""
+    return _prefect_flow_run().get("prefect.flow_run.name") or None
 
 
 def run_description(params: Params, root: Path, steps: int, final_loss: float, dataset_hash: str) -> str:

@@ -28,6 +28,7 @@ import torch
 
 from ..config import Params
 from ..errors import UserError
+from ..tracking import EVAL_LOSS_METRIC
 from ..validate.during_training import inference_state
 from .draws import Sample
 from .model import TrainingModel
@@ -155,8 +156,8 @@ class EvaluationLoss:
                 "eval_sigmas": ",".join(f"{s:g}" for s in self.sigmas)}
 
     def evaluate(self, step: int) -> dict[str, float]:
-        """`validation_eval_loss/sigma_<s>` for each sigma (mean over the eval images) and `eval_loss`, their mean, of the
-        LoRA at `step` (recorded in `selection`)."""
+        """`validation_eval_loss/sigma_<s>` for each sigma (mean over the eval images) and `training/loss_eval`
+        (tracking.EVAL_LOSS_METRIC), their mean, of the LoRA at `step` (recorded in `selection`)."""
         t0 = time.perf_counter()
         per_sigma = {}
         dtype = self.transformer.dtype
@@ -170,16 +171,16 @@ class EvaluationLoss:
                     count += chunk.x0.shape[0]
                 per_sigma[sigma] = total / count
         metrics = {sigma_metric(sigma): value for sigma, value in per_sigma.items()}
-        metrics["eval_loss"] = math.fsum(per_sigma.values()) / len(per_sigma)
+        metrics[EVAL_LOSS_METRIC] = math.fsum(per_sigma.values()) / len(per_sigma)
         metrics["eval_time_s"] = time.perf_counter() - t0
         self.last = metrics
-        self.selection.update(step, metrics["eval_loss"])
+        self.selection.update(step, metrics[EVAL_LOSS_METRIC])
         return metrics
 
 
 def sigma_metric(sigma: float) -> str:
     # MLflow's run page orders its chart sections by name: "validation_eval_loss" comes after "validation" (the
-    # validation grid, which then stays the first thing on the page); the mean, eval_loss, sits beside the loss
+    # validation grid, which then stays in view); the mean sits beside the training loss (tracking.py)
     return f"validation_eval_loss/sigma_{sigma:g}"
 
 

@@ -109,7 +109,10 @@ class RunLog:
                      mlflow.get_tracking_uri())
             run_id = None
         self._end_killed_run(except_run=run_id)
-        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else params.tracking.run_name,
+        # a new run is named tracking.run_name, else after the Prefect flow run it trains in (the flow names
+        # itself after the MLflow run too: tasks/report.py), else by MLflow
+        run_name = None if run_id else params.tracking.run_name or tracking.prefect_flow_run_name()
+        self.run = mlflow.start_run(run_id=run_id, run_name=run_name,
                                     log_system_metrics=params.runtime.log_system_metrics())
         if run_id is None:
             tracking.log_params_flat(mlflow, params)
@@ -121,7 +124,7 @@ class RunLog:
         mlflow.set_tag("resumed_from_step", start_step)
         if run_id is not None:
             client = mlflow.tracking.MlflowClient()
-            self.logged_until = max((m.step for key in ("loss", "eval_loss")
+            self.logged_until = max((m.step for key in (tracking.LOSS_METRIC, tracking.EVAL_LOSS_METRIC)
                                      for m in client.get_metric_history(run_id, key)), default=-1)
         if self.active_file is not None:
             write_json_atomic(self.active_file, {"run_id": self.run_id})
@@ -323,7 +326,7 @@ class LoRATrainingRecipe:
         with self._exported_weights():
             metrics = self.evaluation.evaluate(step)
         run_log.step(step, metrics)
-        log.info("eval loss at step %d: %.6f", step, metrics["eval_loss"])
+        log.info("eval loss at step %d: %.6f", step, metrics[tracking.EVAL_LOSS_METRIC])
         return self.selection.keep_best and self.selection.best_step == step
 
     def _exported_weights(self):
@@ -343,7 +346,7 @@ class LoRATrainingRecipe:
         if self.ema is not None:
             self.ema.after_step(done)
         if done % cfg.log_every_n_steps == 0 or done == self.max_steps:
-            run_log.step(done, {"loss": self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
+            run_log.step(done, {tracking.LOSS_METRIC: self.last_loss, "learning_rate": self.scheduler.get_last_lr()[0],
                                 "grad_norm": float(grad_norm), "step_time_s": self.step_time})
         new_best = self._evaluate(done, run_log)
         if (done % cfg.checkpointing_steps == 0 or new_best) and done < self.max_steps:
@@ -412,7 +415,7 @@ class LoRATrainingRecipe:
         summary = {"selected_step": selected, "checkpoint_selection": self.cfg.checkpoint_selection,
                    "stop_reason": self.stop_reason}
         if self.evaluation is not None and self.evaluation.last:
-            summary.update(eval_loss=self.evaluation.last["eval_loss"], best_eval_loss=self.selection.best_loss,
+            summary.update(eval_loss=self.evaluation.last[tracking.EVAL_LOSS_METRIC], best_eval_loss=self.selection.best_loss,
                            best_eval_step=self.selection.best_step)
         return summary
 

@@ -15,6 +15,7 @@ from PIL import Image, ImageDraw
 from ..cache.store import TensorStore
 from ..cache.text import read_prompt_index
 from ..config import Params
+from ..tracking import GRID_IMAGE_KEY
 
 BASE, LORA = "base", "lora"
 
@@ -114,10 +115,11 @@ def image_stem(name: str, width: int, height: int) -> str:
 def log_validation(mlflow, step: int, grid: Image.Image, lora: Images, base: Images | None = None) -> None:
     """Log the grid and the single images to the active MLflow run at `step` (MLflow shows them per step).
 
-    Keys: `validation/grid`, `validation/<prompt>_<W>x<H>` (with the LoRA) and, when given,
-    `validation/base/<prompt>_<W>x<H>` (the base model, which does not change from step to step).
+    Keys: `training/validation_grid` (tracking.GRID_IMAGE_KEY: beside the loss charts on the run page),
+    `validation/<prompt>_<W>x<H>` (with the LoRA) and, when given, `validation/base/<prompt>_<W>x<H>` (the base
+    model, which does not change from step to step).
     """
-    mlflow.log_image(grid, key="validation/grid", step=step)
+    mlflow.log_image(grid, key=GRID_IMAGE_KEY, step=step)
     for (name, w, h), image in lora.items():
         mlflow.log_image(image, key=f"validation/{image_stem(name, w, h)}", step=step)
     for (name, w, h), image in (base or {}).items():
