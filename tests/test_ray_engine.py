@@ -133,7 +133,7 @@ def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_
     client = MlflowClient(tracking_uri=f"sqlite:///{on_ray / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("flux2-lora").experiment_id])
     assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]  # rank 0 only
-    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(summary["mlflow_run_id"], "training/loss")] == [1, 2, 3, 4]
 
 
 def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_the_lora_of_an_uninterrupted_run(
