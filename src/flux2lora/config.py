@@ -561,6 +561,17 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _one_eval_set_source(self):
+        # the eval set comes from one place: two would make the curve's images depend on both, and silently
+        # take images out of training twice
+        evals = [d.id for d in self.prepare.datasets if d.dataset_type == "eval" and not d.disabled]
+        if evals and self.validate_.eval_split > 0:
+            raise ValueError(f"validate.eval_split={self.validate_.eval_split} and prepare.datasets {evals} "
+                             "(dataset_type: eval) both choose the evaluation loss's images: set "
+                             "validate.eval_split to 0 to score the eval dataset(s), or drop their dataset_type: eval")
+        return self
+
+    @model_validator(mode="after")
     def _outputs_outside_data_root(self):
         # prepare refuses this too, but only once it runs; relative paths (the usual case) are checked here already,
         # absolute ones against each other (a mix needs the project folder, which prepare has)

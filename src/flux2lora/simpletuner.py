@@ -702,7 +702,11 @@ SEED_KEYS: dict[str, SeedKey] = {
                               "evaluation-loss interval (steps)"),
     "eval_timesteps": to("validate.eval_sigmas", "timesteps scored by the evaluation loss (a count)",
                          convert=lambda v, c: _eval_sigmas(v)),
-    "eval_dataset_id": refuse("a separate eval dataset", "not supported: hold images out with validate.eval_split"),
+    # SimpleTuner's eval_dataset_id picks the dataset whose images feed validation renders (validation_using_datasets,
+    # edit validation), not the evaluation loss's set: that is every `dataset_type: eval` backend, imported as such
+    "eval_dataset_id": refuse("take validation input images from this dataset",
+                              "not supported: validation renders the prompt library only; the evaluation loss "
+                              "scores every dataset_type: eval dataset (imported as prepare.datasets entries)"),
     "fuse_qkv_projections": refuse("fused attention projections", "not supported (speed only)"),
     "disable_bucket_pruning": no_effect("keep images of under-filled buckets", "flux2lora never prunes buckets"),
     **{key: no_effect("SDNQ quantisation tuning", "SDNQ precisions are trained as their nearest quanto precision")
@@ -783,7 +787,7 @@ OWN_DEFAULT_REASONS = {
 }
 # What each backend key means in SimpleTuner (its DATALOADER.md); the same name is the same option here.
 BACKEND_MEANINGS = {
-    "id": "the dataset's name", "dataset_type": "image or conditioning", "instance_data_dir": "its folder",
+    "id": "the dataset's name", "dataset_type": "image, eval (scored by the evaluation loss, never trained on) or conditioning", "instance_data_dir": "its folder",
     "crop": "crop to the bucket (false: keep the aspect)", "crop_aspect": "square, preserve, closest, random",
     "crop_aspect_buckets": "aspect ratios offered", "crop_style": "center, random, corner",
     "resolution": "training size (unit: resolution_type)", "resolution_type": "pixel, pixel_area, area",
@@ -988,8 +992,8 @@ def map_backends(backends: list[dict], source: str, report: ImportReport, out: d
                        "folder (images with .txt captions beside them, e.g. from `datasets.load_dataset(...)` with "
                        "each row's image saved and its caption written to <name>.txt) and give that backend "
                        "`type: local` and `instance_data_dir`")
-        if kind not in ("image", "conditioning"):
-            raise Stop(f"{where}: dataset_type {kind!r}: flux2lora trains on image and conditioning datasets only")
+        if kind not in ("image", "conditioning", "eval"):
+            raise Stop(f"{where}: dataset_type {kind!r}: flux2lora reads image, eval and conditioning datasets only")
         entry: dict[str, Any] = {}
         for key, value in backend.items():
             here = f"{where} {key}"

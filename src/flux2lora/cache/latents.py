@@ -107,7 +107,7 @@ def encode_latents(params: Params, root: Path) -> dict:
     """Cache latents (128, H/16, W/16) of every image (and reference) in images.jsonl at its bucket; writes
     `latents/index.json` {"images": {id: key}, "references": {id: [keys]}, "buckets": {id: [W, H]},
     "repeats": {id: n}, "datasets": {id: dataset id}, "vae": identity}, and when used "masks": {id: mask key}
-    (loss masks, `cache.masks`), "regularisation": [ids], "probability": {id: its dataset's probability}."""
+    (loss masks, `cache.masks`), "regularisation": [ids], "eval": [ids] (eval datasets' images), "probability": {id: its dataset's probability}."""
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_latents
     rows = read_jsonl(layout.images_manifest)
@@ -170,6 +170,7 @@ def encode_latents(params: Params, root: Path) -> dict:
     # only when used, so a project without them keeps its index (and its train fingerprint) byte for byte
     extras = {"masks": {i: mask_keys[i] for i in usable if i in mask_keys},
               "regularisation": sorted(i for i in usable if by_id[i].get("regularisation")),
+              "eval": sorted(i for i in usable if by_id[i].get("eval")),
               "probability": {i: by_id[i]["probability"] for i in usable if "probability" in by_id[i]}}
     index.update({name: value for name, value in extras.items() if value})
     write_json_atomic(layout.latents_dir / INDEX, index)

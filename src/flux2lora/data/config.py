@@ -90,7 +90,8 @@ class DatasetConfig(DatasetOptions):
     id: str = Field(min_length=1)
     type: Literal["local"] = "local"
     # mask: shorthand for `dataset_type: conditioning` + `conditioning_type: mask` (SimpleTuner's spelling)
-    dataset_type: Literal["image", "conditioning", "text_embeds", "mask"] = "image"
+    # eval: an image dataset scored only by the evaluation loss, never trained on (SimpleTuner's `dataset_type: eval`)
+    dataset_type: Literal["image", "eval", "conditioning", "text_embeds", "mask"] = "image"
     instance_data_dir: str | None = None
     # image datasets: the training target is the base model's own prediction (the adapter disabled), not the image's
     # flow-matching velocity (SimpleTuner's parent-teacher regularisation)
@@ -125,6 +126,10 @@ class DatasetConfig(DatasetOptions):
         return self
 
 
+# dataset types whose images are prepared, captioned and encoded (eval ones are scored, never trained on)
+IMAGE_TYPES = ("image", "eval")
+
+
 @dataclass
 class Dataset:
     """A dataset with its defaults applied and its folder resolved; what `prepare` works from."""
@@ -135,6 +140,7 @@ class Dataset:
     options: DatasetOptions
     conditioning: list["Dataset"] = field(default_factory=list)  # image datasets: their reference datasets, in order
     regularisation: bool = False  # is_regularisation_data
+    eval: bool = False  # dataset_type eval: its images are the evaluation loss's, never trained on
     probability: float | None = None
 
     @property
@@ -167,7 +173,7 @@ def check_datasets(prepare) -> None:
         raise ValueError("prepare.datasets: only one text_embeds dataset can be the default")
     kinds = {d.id: d.dataset_type for d in entries}
     # with a list, the prepare-level keys are only defaults: each image dataset is checked as it will be used
-    checked = [(merged_options(prepare, d), d.id) for d in entries if d.dataset_type == "image"] if entries \
+    checked = [(merged_options(prepare, d), d.id) for d in entries if d.dataset_type in IMAGE_TYPES] if entries \
         else [(prepare, "prepare")]
     for options, name in checked:
         if options.caption_strategy == "instanceprompt" and not options.instance_prompt:
@@ -178,6 +184,11 @@ def check_datasets(prepare) -> None:
             if ref in kinds and kinds[ref] != "conditioning":
                 raise ValueError(f"{name}: conditioning_data {ref!r} is a {kinds[ref]} dataset; it must have "
                                  "dataset_type: conditioning")
+    if entries and any(d.dataset_type == "eval" and not d.disabled for d in entries) \
+            and not any(d.dataset_type == "image" and not d.disabled for d in entries):
+        raise ValueError("prepare.datasets: every enabled image dataset is an eval dataset (dataset_type: eval), "
+                         "whose images are only scored, never trained on; add a dataset_type: image dataset to "
+                         "train on")
     if entries and not any(d.dataset_type == "image" and not d.disabled for d in entries):
         raise ValueError("prepare.datasets has no enabled image dataset to train on")
     images = [d for d in entries if d.dataset_type == "image" and not d.disabled]
@@ -227,7 +238,7 @@ def training_side(prepare) -> int:
     speed estimates need. resolution_type pixel fixes the shorter side, so its non-square buckets are larger by their
     aspect ratio; crop_aspect square gives exactly this size."""
     entries = [merged_options(prepare, d) for d in prepare.datasets
-               if d.dataset_type == "image" and not d.disabled] or [prepare]
+               if d.dataset_type in IMAGE_TYPES and not d.disabled] or [prepare]
     sides = [math.sqrt(o.resolution * MEGAPIXEL) if o.resolution_type == "area" else o.resolution for o in entries]
     return max(16, math.floor(max(sides) / 16 + 0.5) * 16)
 
@@ -281,14 +292,14 @@ def resolve_datasets(prepare, root: Path) -> list[Dataset]:
 
     datasets = []
     for entry in entries:
-        if entry.dataset_type != "image":
+        if entry.dataset_type not in IMAGE_TYPES:
             continue
         options = merged_options(prepare, entry)  # single dataset: the entry sets nothing, prepare is all
         folder = folder_of(entry.instance_data_dir, f"dataset {entry.id!r} instance_data_dir"
                            if prepare.datasets else "prepare.instance_data_dir")
         refs = [conditioning_dataset(ref, entry.id, options.conditioning_type) for ref in options.conditioning_data]
         datasets.append(Dataset(entry.id, "image", folder, options, refs, regularisation=entry.is_regularisation_data,
-                                probability=entry.probability))
+                                eval=entry.dataset_type == "eval", probability=entry.probability))
     if not datasets:
         raise ValueError("prepare: no enabled image dataset")
     return datasets

@@ -274,6 +274,8 @@ def prepare(params: Params, root: Path) -> dict:
             row["mask"] = mask
         if dataset.regularisation:
             row["regularisation"] = True
+        if dataset.eval:  # dataset_type eval: scored by the evaluation loss, never trained on
+            row["eval"] = True
         if dataset.probability is not None:
             row["probability"] = dataset.probability
         images.append(row)

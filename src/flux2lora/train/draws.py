@@ -38,6 +38,7 @@ class Sample:
     mask_key: str | None = None  # a loss mask (its dataset's mask dataset): weights per latent token
     regularisation: bool = False  # is_regularisation_data: the target is the base model's own prediction
     probability: float | None = None  # its dataset's sampling probability, when any dataset sets one
+    eval: bool = False  # from a dataset_type eval dataset: scored by the evaluation loss, never trained on
 
     def text_key_at(self, seed: int, micro_batch: int, position: int) -> str:
         """The caption embedding this sample trains with at `position` of global micro-batch `micro_batch`."""
@@ -56,8 +57,10 @@ def load_samples(layout) -> tuple[list[Sample], str]:
     lines = text_index.get("caption_lines", {})
     datasets, masks = latent_index.get("datasets", {}), latent_index.get("masks", {})
     regularisation, probability = set(latent_index.get("regularisation", [])), latent_index.get("probability", {})
+    evaluated = set(latent_index.get("eval", []))
     samples = [Sample(i, k, captions[i], references.get(i, []), tuple(buckets.get(i, (0, 0))), repeats.get(i, 0),
-                      lines.get(i, []), datasets.get(i) or "", masks.get(i), i in regularisation, probability.get(i))
+                      lines.get(i, []), datasets.get(i) or "", masks.get(i), i in regularisation, probability.get(i),
+                      i in evaluated)
                for i, k in sorted(latent_index["images"].items()) if i in captions]
     if not samples:
         raise ValueError("train: no image has both a cached latent and a caption embedding; re-run the encode stages")

@@ -1,8 +1,9 @@
 """The evaluation loss: how well the LoRA being trained denoises a fixed eval set, on a curve comparable across steps
 and runs.
 
-The eval set is a share of the prepared images held out from training (`validate.eval_split`), or, without a split,
-a fixed sample of the training images, so that every run has a readable curve. Which images is decided by a hash of
+The eval set is the images of the `dataset_type: eval` datasets when there are any (never trained on), else a share
+of the prepared images held out from training (`validate.eval_split`), or, without a split, a fixed sample of the
+training images, so that every run has a readable curve. Which images is decided by a hash of
 each image's key, not by the training seed or the dataset's order: an image stays on its side when others are added.
 
 Every scored step sees the same inputs: each eval image at each sigma of `validate.eval_sigmas` (no shift applied),
@@ -36,7 +37,7 @@ from .step import MicroBatch, flow_matching_loss
 
 log = logging.getLogger(__name__)
 
-HELD_OUT, TRAINING_SAMPLE = "held_out", "training_sample"
+HELD_OUT, TRAINING_SAMPLE, EVAL_DATASET = "held_out", "training_sample", "eval_dataset"
 
 
 class EvalSplitError(UserError, ValueError):
@@ -50,13 +51,29 @@ def key_fraction(image_id: str) -> float:
 
 
 def split_for_evaluation(samples: list[Sample], params: Params) -> tuple[list[Sample], list[Sample], str]:
-    """(training samples, eval samples, where the eval set comes from: "held_out" or "training_sample").
+    """(training samples, eval samples, where the eval set comes from: "eval_dataset", "held_out" or
+    "training_sample").
+
+    Eval datasets (`dataset_type: eval`): their images never train, and the eval set is at most eval_max_samples
+    of them, lowest key fraction first (even with evaluation off, they stay out of training); eval_split must be 0.
 
     eval_split > 0: images whose key fraction is below it (at least one) are held out and never trained on; the
     eval set is at most eval_max_samples of them, lowest fraction first. eval_split 0: every image trains and the
     eval set is the eval_max_samples training images of lowest fraction. Evaluation off: no eval set."""
     cfg = params.validate_
     ranked = sorted(samples, key=lambda s: (key_fraction(s.image_id), s.image_id))
+    if any(s.eval for s in samples):
+        if cfg.eval_split > 0:  # Params refuses this too; a hand-built cache could still meet it
+            raise EvalSplitError(f"validate.eval_split={cfg.eval_split} with eval datasets (dataset_type: eval): "
+                                 "set validate.eval_split to 0, the eval datasets are the eval set")
+        training = [s for s in samples if not s.eval]
+        if not training:
+            raise EvalSplitError("every cached image is from an eval dataset (dataset_type: eval), which is never "
+                                 "trained on: add a dataset_type: image dataset to prepare.datasets")
+        scored = [s for s in ranked if s.eval][:cfg.eval_max_samples] if cfg.eval_every_n_steps else []
+        log.info("evaluation: %d images of eval datasets, never trained on; %d scored", len(samples) - len(training),
+                 len(scored))
+        return training, scored, EVAL_DATASET
     if cfg.eval_split > 0:
         held = {s.image_id for s in samples if key_fraction(s.image_id) < cfg.eval_split} or {ranked[0].image_id}
         training = [s for s in samples if s.image_id not in held]
