@@ -787,7 +787,8 @@ OWN_DEFAULT_REASONS = {
 }
 # What each backend key means in SimpleTuner (its DATALOADER.md); the same name is the same option here.
 BACKEND_MEANINGS = {
-    "id": "the dataset's name", "dataset_type": "image, eval (scored by the evaluation loss, never trained on) or conditioning", "instance_data_dir": "its folder",
+    "id": "the dataset's name", "instance_data_dir": "its folder",
+    "dataset_type": "image, eval (scored by the evaluation loss, never trained on) or conditioning",
     "crop": "crop to the bucket (false: keep the aspect)", "crop_aspect": "square, preserve, closest, random",
     "crop_aspect_buckets": "aspect ratios offered", "crop_style": "center, random, corner",
     "resolution": "training size (unit: resolution_type)", "resolution_type": "pixel, pixel_area, area",

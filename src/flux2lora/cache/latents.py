@@ -107,7 +107,8 @@ def encode_latents(params: Params, root: Path) -> dict:
     """Cache latents (128, H/16, W/16) of every image (and reference) in images.jsonl at its bucket; writes
     `latents/index.json` {"images": {id: key}, "references": {id: [keys]}, "buckets": {id: [W, H]},
     "repeats": {id: n}, "datasets": {id: dataset id}, "vae": identity}, and when used "masks": {id: mask key}
-    (loss masks, `cache.masks`), "regularisation": [ids], "eval": [ids] (eval datasets' images), "probability": {id: its dataset's probability}."""
+    (loss masks, `cache.masks`), "regularisation": [ids], "eval": [ids] (eval datasets' images),
+    "probability": {id: its dataset's probability}."""
     layout = layout_for(root, params.output_dir)
     cfg = params.encode_latents
     rows = read_jsonl(layout.images_manifest)
