@@ -35,7 +35,7 @@ demo: install models/tiny-klein-4b/model_index.json data/demo/shape_000.png
 # One pytest worker per core (at most 4: each end-to-end test starts servers and subprocesses of its own); a test
 # file stays on one worker, so its module fixtures (a trained project, a Prefect server) are built once.
 test: install
-	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
+	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile --durations=40
 
 # A local Prefect server (:4200), process worker and MLflow server (:5000) in the background, on loopback; pids,
 # ports and logs in .services/. Prints the URLs and `export PREFECT_API_URL=... MLFLOW_TRACKING_URI=...`.
