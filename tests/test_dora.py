@@ -8,16 +8,11 @@ MAX_DELTA_DIFF. Resume after SIGKILL must be bitwise.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from helpers import make_project, project_env
+from helpers import kill_train_at_checkpoint, make_project
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
@@ -115,16 +110,7 @@ def test_dora_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(tmp_pat
     straight = _encoded(tmp_path, "straight", **LONG)
     run_stage("train", straight / "params.yaml")
     killed = _encoded(tmp_path, "killed", **LONG)
-    proc = subprocess.Popen([sys.executable, "-m", "flux2lora.cli", "stage", "train"], cwd=killed, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = killed / "outputs/checkpoints/step-000010"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert checkpoint.exists(), "training never reached its step-10 checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    checkpoint = kill_train_at_checkpoint(killed, 10)
     assert any("lora_magnitude_vector" in k for k in load_file(str(checkpoint / "lora.safetensors")))
 
     summary = run_stage("train", killed / "params.yaml")

@@ -15,17 +15,12 @@ References and tolerances:
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from helpers import copy_project, make_project, project_env
+from helpers import copy_project, kill_train_at_checkpoint, make_project
 from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import load_file
 
@@ -240,16 +235,7 @@ def encoded_klein(tmp_path_factory):
 
 
 def _killed_and_resumed(root, tag):
-    proc = subprocess.Popen([sys.executable, "-m", "flux2lora.cli", "stage", "train"], cwd=root, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = root / "outputs/checkpoints/step-000006"
-    deadline = time.monotonic() + 240
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert checkpoint.exists(), "training never reached its step-6 checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    checkpoint = kill_train_at_checkpoint(root, 6)
     assert any(tag in k for k in load_file(str(checkpoint / "lora.safetensors")))
     return run_stage("train", root / "params.yaml")
 

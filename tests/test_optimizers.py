@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import copy_project, make_project
+from helpers import make_project, straight_and_faulted
 from safetensors.torch import load_file
 
 from flux2lora.config import TrainParams
@@ -145,21 +145,13 @@ RUN = {"train.max_train_steps": 6, "train.checkpointing_steps": 3, "train.train_
 def test_a_bf16_optimizer_run_killed_and_resumed_ends_bitwise_equal(tmp_path, monkeypatch):
     """The train stage with adamw_bf16: a fault after step 4 (checkpoint at 3) and a resume end with the LoRA of the
     uninterrupted run, bf16 weights in the file."""
-    from flux2lora.faults import InjectedFault
     from flux2lora.layout import layout_for
     from flux2lora.stages import run_stage
 
     encoded = make_project(tmp_path / "encoded", git=False, images=4, **RUN)
     for stage in ("prepare", "encode-text", "encode-latents"):
         run_stage(stage, encoded / "params.yaml")
-    straight = copy_project(encoded, tmp_path / "straight")
-    run_stage("train", straight / "params.yaml")
-    killed = copy_project(encoded, tmp_path / "killed")
-    monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=4")
-    with pytest.raises(InjectedFault):
-        run_stage("train", killed / "params.yaml")
-    monkeypatch.delenv("FLUX2LORA_FAULT")
-    run_stage("train", killed / "params.yaml")
+    straight, killed = straight_and_faulted(encoded, tmp_path, monkeypatch)
     assert json.loads(layout_for(killed, "outputs").train_metrics.read_text())["resumed_from_step"] == 3
     a = load_file(str(layout_for(straight, "outputs").lora_file))
     b = load_file(str(layout_for(killed, "outputs").lora_file))

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -79,22 +74,13 @@ LONG = {"train.max_train_steps": 200}
 def test_training_killed_with_sigkill_and_resumed_ends_with_the_same_lora(tmp_path):
     """Bitwise on CPU: data order is a function of (seed, step); noise, sigma and dropout generators, optimizer
     and LR schedule states are restored from the checkpoint."""
-    from helpers import project_env
+    from helpers import kill_train_at_checkpoint
 
     uninterrupted = _encoded(tmp_path, "straight", **LONG)
     run_stage("train", uninterrupted / "params.yaml")
 
     killed = _encoded(tmp_path, "killed", **LONG)
-    proc = subprocess.Popen([sys.executable, "-m", "flux2lora.cli", "stage", "train"], cwd=killed, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = killed / "outputs/checkpoints/step-000010"
-    deadline = time.monotonic() + 180
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert checkpoint.exists(), "training never reached its step-10 checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_train_at_checkpoint(killed, 10, timeout=180)
     assert not (killed / "outputs/lora/pytorch_lora_weights.safetensors").exists()
 
     summary = run_stage("train", killed / "params.yaml")
