@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,26 +40,59 @@ def _train_demo(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def trained_project(tmp_path_factory) -> Path:
-    """A demo project (tiny klein-4b, 8 generated images) on which all six stages ran in-process once.
-
-    Under pytest-xdist the first worker that asks trains it once into the session's shared temp folder (a file lock
-    keeps the others waiting) and every worker uses its own copy: a project is relocatable (test_relocation), so a
-    copy is the same project, and the suite trains it once instead of once per worker."""
-    import shutil
-
+def _built_once(tmp_path_factory, name: str, build) -> Path:
+    """The folder `build(folder)` fills, built once per test session: under pytest-xdist the first worker that asks
+    builds it into the session's shared temp folder (a file lock keeps the others waiting); in one process it is
+    built into the session's temp folder. Callers copy it (`copy_built`) rather than change it."""
     from filelock import FileLock
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):  # one process: nothing to share
-        return _train_demo(tmp_path_factory.mktemp("trained") / "project")
-    shared = tmp_path_factory.getbasetemp().parent  # pytest-N/: common to this session's workers, new per session
-    built = shared / "trained-demo" / "project"
-    with FileLock(str(shared / "trained-demo.lock")):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        built = tmp_path_factory.getbasetemp() / f"built-{name}" / "project"
+    else:
+        built = tmp_path_factory.getbasetemp().parent / f"built-{name}" / "project"  # pytest-N/: every worker's
+    with FileLock(str(built.parent.parent / f"built-{name}.lock")):
         if not (built.parent / "complete").exists():
             shutil.rmtree(built.parent, ignore_errors=True)
-            _train_demo(built)
+            built.parent.mkdir(parents=True)
+            build(built)
             (built.parent / "complete").write_text("")
-    root = tmp_path_factory.mktemp("trained") / "project"
+    return built
+
+
+def copy_built(built: Path, tmp_path_factory, name: str) -> Path:
+    """A copy of a built project of the session's own: a project is relocatable (test_relocation), so the copy is
+    the same project, DVC state and MLflow store included."""
+    root = tmp_path_factory.mktemp(name) / "project"
     shutil.copytree(built, root, symlinks=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained_project(tmp_path_factory) -> Path:
+    """A demo project (tiny klein-4b, 8 generated images, params.yaml's values) on which all six stages ran
+    in-process once; the suite trains it once and each worker uses its own copy."""
+    return copy_built(_built_once(tmp_path_factory, "trained-demo", _train_demo), tmp_path_factory, "trained")
+
+
+def _repro_demo(root: Path) -> None:
+    """The same demo project as trained_project's, through a real `dvc repro` (each stage a `flux2lora stage`
+    subprocess); its output is kept beside the project for the tests that read what the first repro did."""
+    from helpers import run
+
+    make_project(root)
+    proc = run(["dvc", "repro"], root, timeout=900)
+    (root.parent / "repro.stdout").write_text(proc.stdout)
+    (root.parent / "repro.stderr").write_text(proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def reproduced_demo(tmp_path_factory) -> Path:
+    """The pristine demo project after its first `dvc repro` (built once per session; do not change it: copy it
+    with `copy_built`, as the `repro_project` fixture does). repro.stdout / repro.stderr lie in its parent."""
+    return _built_once(tmp_path_factory, "repro-demo", _repro_demo)
+
+
+@pytest.fixture(scope="module")
+def repro_project(reproduced_demo, tmp_path_factory) -> Path:
+    """A module's own copy of the demo project after its first `dvc repro` (see reproduced_demo)."""
+    return copy_built(reproduced_demo, tmp_path_factory, "repro")

@@ -23,7 +23,7 @@ from flux2lora.cache.store import TensorStore
 from flux2lora.layout import Layout, layout_for
 from flux2lora.params_table import PIPELINE_STAGES
 from flux2lora.stages import STAGES
-from helpers import REPO, make_project, run, set_params
+from helpers import REPO, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +87,13 @@ def lock_stages(root: Path) -> dict:
 def dvc_repro(root: Path) -> Repro:
     lock_before = lock_stages(root)
     proc = run(["dvc", "repro"], root)
-    stages = lambda rx: [m.group("stage") for m in rx.finditer(proc.stdout)]  # noqa: E731
-    result = Repro(proc.stdout, proc.stderr, stages(RAN), stages(SKIPPED), stages(FROM_RUN_CACHE),
-                   lock_before, lock_stages(root))
+    return repro_of(proc.stdout, proc.stderr, lock_before, lock_stages(root))
+
+
+def repro_of(stdout: str, stderr: str, lock_before: dict, lock_after: dict) -> Repro:
+    """What one `dvc repro` did, from its output and dvc.lock before and after it."""
+    stages = lambda rx: [m.group("stage") for m in rx.finditer(stdout)]  # noqa: E731
+    result = Repro(stdout, stderr, stages(RAN), stages(SKIPPED), stages(FROM_RUN_CACHE), lock_before, lock_after)
     reported = sorted(result.ran + result.skipped + result.from_run_cache)
     assert reported == sorted(ALL_STAGES), (
         f"could not tell what dvc repro did with every stage (each of {ALL_STAGES} should be reported exactly "
@@ -118,8 +122,9 @@ class History:
     """The shared project's history. Each step runs at most once, after the steps it follows; a step that
     failed fails every later test that needs it with the original error instead of running again."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, first_repro: Callable[[], Repro]):
         self.root = root
+        self._first_repro = first_repro
         self._done: dict[str, Any] = {}
 
     def _step(self, name: str, fn: Callable[[], Any]) -> Any:
@@ -135,7 +140,7 @@ class History:
         return result
 
     def first_repro(self) -> Repro:
-        return self._step("first repro", lambda: dvc_repro(self.root))
+        return self._step("first repro", self._first_repro)
 
     def second_repro(self) -> Repro:
         self.first_repro()
@@ -171,8 +176,16 @@ class History:
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory) -> History:
-    return History(make_project(tmp_path_factory.mktemp("dvc") / "project"))
+def history(repro_project, reproduced_demo) -> History:
+    """The history starts from conftest's demo project, fresh from `make_project`, through its first `dvc repro`
+    (run once per session and shared with other files; this module walks its own copy): that repro's output and
+    dvc.lock are the first step's."""
+    def first_repro() -> Repro:
+        out = reproduced_demo.parent
+        return repro_of((out / "repro.stdout").read_text(), (out / "repro.stderr").read_text(), {},
+                        lock_stages(repro_project))
+
+    return History(repro_project, first_repro)
 
 
 def stages_except(*names: str) -> list[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import REPO, make_project, run
+from helpers import REPO, run
 from servers import S3_TEST_ENV, moto_server
 
 pytestmark = pytest.mark.slow
@@ -52,17 +52,15 @@ def digest(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pushed_project(tmp_path_factory) -> Path:
-    """A git + DVC project with the repository's .dvc/config and its ignored /outputs/, on which `dvc repro` ran and
-    whose results are committed as the README says. The local remote resolves to a folder beside it."""
+def pushed_project(repro_project) -> Path:
+    """A git + DVC project with the repository's .dvc/config and its ignored /outputs/, on which `dvc repro` ran
+    (conftest's demo project, this module's copy) and whose results are committed as the README says. The local
+    remote resolves to a folder beside it."""
     assert uncached_outputs() == set(UNCACHED), "README's list of files to commit is out of date"
-    base = tmp_path_factory.mktemp("dvc-remote")
-    project = make_project(base / "project", **{"train.max_train_steps": 4, "train.checkpointing_steps": 2,
-                                                "validate.validation_num_inference_steps": 2})
+    project = repro_project
     shutil.copy2(REPO / ".dvc" / "config", project / ".dvc" / "config")
     with open(project / ".gitignore", "a") as ignore:
         ignore.write("/outputs/\n")  # as in the repository
-    run(["dvc", "repro"], project, timeout=600)
     run(["git", "add", "-A"], project)
     run(["git", "add", "-f", *UNCACHED], project)
     run(["git", "commit", "-qm", "pipeline results"], project)
@@ -94,7 +92,7 @@ def assert_clone_trains_without_encoding(copy: Path) -> None:
     from helpers import set_params
 
     make_tiny_model(copy / "models" / "tiny-klein-4b", flavour="klein-4b", seed=0)
-    set_params(copy, **{"train.learning_rate": 0.02})
+    set_params(copy, **{"train.learning_rate": 0.02, "train.max_train_steps": 4})  # 4 steps: all it needs
     before = {out: digest(copy / out) for out in ("outputs/text_embeds", "outputs/latents")}
     repro = run(["dvc", "repro", "train"], copy, timeout=600)
     ran, skipped = RAN.findall(repro.stdout), SKIPPED.findall(repro.stdout)

@@ -20,7 +20,7 @@ from flux2lora.layout import layout_for
 from flux2lora.stages import STAGES, run_stage
 
 MAX_DELTA_DIFF = 1e-6
-METADATA_KEYS = ("base_model", "revision", "flavour", "rank", "alpha", "trigger_phrase", "steps", "dataset_dvc_hash")
+METADATA_KEYS = ("base_model", "revision", "flavour", "rank", "alpha", "trigger_phrase", "steps", "training_data_sha256")
 
 
 @pytest.fixture(scope="module")

@@ -275,27 +275,19 @@ def test_dangling_symlinks_are_skipped_and_hidden_from_dvc_links_outside_are_fol
 # one project through `dvc repro`, then damaged, misconfigured and republished
 
 
-@pytest.fixture(scope="module")
-def repro_project(tmp_path_factory) -> Path:
-    """A demo project through all six stages by a real `dvc repro` (each stage a `flux2lora stage` subprocess)."""
-    root = make_project(tmp_path_factory.mktemp("hostile") / "project", **{
-        "train.max_train_steps": 6, "train.checkpointing_steps": 100, "validate.validation_num_inference_steps": 1})
-    run(["dvc", "repro"], root, timeout=900)
-    return root
+# `repro_project` (conftest): this module's copy of the demo project after a real `dvc repro`, each stage a
+# `flux2lora stage` subprocess; the tests below damage, misconfigure and republish it.
 
 
 CACHED = ("outputs/prepare", "outputs/text_embeds", "outputs/latents")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # a second whole `dvc repro` of the demo: on a loaded 2-core machine it nears 900 s
-def test_two_identical_runs_give_byte_identical_shards_and_manifests(repro_project, tmp_path):
-    """The repro project ran each stage in its own process; a second project runs them in this one. Shard headers
-    are written by safetensors from a hash map (its order changes per process): sorted, they agree byte for byte."""
-
-    other = make_project(tmp_path / "project", **{
-        "train.max_train_steps": 6, "train.checkpointing_steps": 100, "validate.validation_num_inference_steps": 1})
-    run(["dvc", "repro"], other, timeout=900)
+def test_two_identical_runs_give_byte_identical_shards_and_manifests(reproduced_demo, trained_project, tmp_path):
+    """The same demo project run twice, in two folders: once by `dvc repro` (each stage in its own process), once
+    stage by stage inside a test process (conftest's trained_project). Shard headers are written by safetensors
+    from a hash map (its order changes per process): sorted, they agree byte for byte."""
+    repro_project, other = reproduced_demo, trained_project
     for folder in CACHED:
         first, second = tree_digest(repro_project / folder), tree_digest(other / folder)
         assert first and first == second, folder
@@ -320,6 +312,7 @@ def test_two_identical_runs_give_byte_identical_shards_and_manifests(repro_proje
 @pytest.mark.slow
 def test_bit_rot_that_keeps_the_mtime_is_healed_by_dvc_repro_alone(repro_project):
     root = repro_project
+    assert "up to date" in run(["dvc", "status"], root).stdout
     flipped = []
     for store in ("text_embeds", "latents"):
         shard = sorted((root / "outputs" / store / "shards").glob("*.safetensors"))[0]
@@ -331,7 +324,8 @@ def test_bit_rot_that_keeps_the_mtime_is_healed_by_dvc_repro_alone(repro_project
             f.write(bytes([byte[0] ^ 0xFF]))
         os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         flipped.append(shard)
-    # DVC trusts (inode, size, mtime): it cannot see this
+    # DVC trusts (inode, size, mtime): it cannot see this (the status run before the flips recorded this copy's
+    # files in DVC's state)
     assert "up to date" in run(["dvc", "status"], root).stdout
     set_params(root, **{"train.max_train_steps": 4})  # the user's next change: train must read the caches
     repro = run(["dvc", "repro"], root, timeout=900)

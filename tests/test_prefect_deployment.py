@@ -199,15 +199,12 @@ def test_deployment_then_dvc(prefect_stack: PrefectStack, tmp_path: Path) -> Non
     assert snapshot(project) == before
 
 
-def test_dvc_then_deployment(prefect_stack: PrefectStack, tmp_path: Path) -> None:
-    """The other way round: after `dvc repro`, a deployment run redoes nothing. Deployed with a stale PWD
-    environment variable (as under `make -C` or subprocess(cwd=...)): the deployment must still point at the
-    folder `prefect deploy` ran in."""
+def test_dvc_then_deployment(prefect_stack: PrefectStack, repro_project: Path) -> None:
+    """The other way round: after `dvc repro` (conftest's demo project, this module's copy), a deployment run redoes
+    nothing. Deployed with a stale PWD environment variable (as under `make -C` or subprocess(cwd=...)): the
+    deployment must still point at the folder `prefect deploy` ran in."""
     stack = prefect_stack
-    project = make_project(tmp_path / "project")
-    started = time.monotonic()
-    run(["dvc", "repro"], project, timeout=600)
-    print(f"\ndvc repro: {time.monotonic() - started:.0f}s")
+    project = repro_project
     before = snapshot(project)
     assert before["mlflow runs"] == 1
 

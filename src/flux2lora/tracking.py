@@ -194,6 +194,18 @@ def dataset_dvc_hash(root: Path, data_dir: str) -> str:
     return "untracked"
 
 
+def training_data_sha256(text_embeds_dir: Path, latents_dir: Path) -> str:
+    """What the train stage trained on, named by its own declared inputs: sha256 over the two caches' indexes
+    (content-addressed, relocatable). Unlike dataset_dvc_hash (read from dvc.lock, which train does not declare and
+    which an in-process run may not have yet) it is the same whichever entry point ran the stages."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in (Path(text_embeds_dir) / "index.json", Path(latents_dir) / "index.json"):
+        digest.update(index.read_bytes())
+    return digest.hexdigest()
+
+
 def read_run_id(run_file: Path) -> str:
     if not run_file.exists():
         raise FileNotFoundError(f"{run_file} is missing: run the train stage first (it opens the MLflow run)")

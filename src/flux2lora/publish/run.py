@@ -143,8 +143,8 @@ def publish(params: Params, root: Path) -> dict:
         shutil.copy2(grid, out / SAMPLES)
 
     cfg, flavour, model = params.publish, params.model.flavour, params.model
-    dataset_hash = lora_meta.get("flux2lora.dataset_dvc_hash") or \
-        tracking.dataset_dvc_hash(root, params.prepare.data_root)
+    # the training run's tag (train read dvc.lock when it opened the run); publish declares the run, not dvc.lock
+    dataset_hash = train_tags.get("dataset_dvc_hash", "untracked")
     is_hub_model = not Path(model.model_path).exists()
     write_text_atomic(out / "README.md", model_card(
         base_model=model.model_id, flavour=model.model_flavour, pipeline_class=flavour.pipeline_class,

@@ -373,7 +373,8 @@ class LoRATrainingRecipe:
                     "alpha": cfg.lora_alpha or cfg.lora_rank, "targets": targets_description(cfg),
                     "kind": "dora" if cfg.use_dora else cfg.lora_type,
                     "steps": self.last_step, "processes": self.processes,
-                    "dataset_dvc_hash": tracking.dataset_dvc_hash(self.root, self.params.prepare.data_root),
+                    # the LoRA file is train's output: only train's declared inputs may shape it (not dvc.lock)
+                    "training_data_sha256": tracking.training_data_sha256(layout.text_embeds_dir, layout.latents_dir),
                     **({"selected_step": selected} if cfg.checkpoint_selection == "best_eval" else {}),
                     **({"ema_export": cfg.ema_export, "ema_decay": cfg.ema_decay} if cfg.use_ema else {})}
         # no MLflow run id (train/mlflow_run.json has it): identical inputs give a byte-identical LoRA file
