@@ -32,8 +32,9 @@ def tiny(tmp_path_factory) -> ModelParams:
                        base_model_default_dtype="fp32")
 
 
-def loss_and_grads(tiny: ModelParams, kind: str, group_offload: dict | None = None, **train):
-    """One flow-matching loss and its gradients for the adapter's factors (fixed random values, none zero)."""
+def loss_and_grads(tiny: ModelParams, kind: str, group_offload: dict | None = None, preset: str = "all", **train):
+    """One flow-matching loss and its gradients for the adapter's factors (fixed random values, none zero) on the
+    modules of `preset`."""
     from flux2lora.config import Params
     from flux2lora.models import load_training_transformer
     from flux2lora.train.lora import add_lora, target_modules
@@ -43,7 +44,7 @@ def loss_and_grads(tiny: ModelParams, kind: str, group_offload: dict | None = No
     torch._dynamo.reset()
     torch.manual_seed(0)
     transformer = load_training_transformer(tiny, torch.device("cpu"), group_offload=group_offload)
-    factors = add_lora(transformer, 2, 4, 0.0, target_modules(transformer, "all"), kind=kind)
+    factors = add_lora(transformer, 2, 4, 0.0, target_modules(transformer, preset), kind=kind)
     for p in factors:
         p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
     params = Params(model=tiny, train={"lora_type": kind, "gradient_checkpointing": False, "mixed_precision": "no",
@@ -66,10 +67,13 @@ def eager(tiny):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_regional_compile_trains_like_eager(tiny, eager, kind):
-    loss, grads = loss_and_grads(tiny, kind, compile_transformer=True, compile_backend="aot_eager")
-    torch.testing.assert_close(loss, eager[kind][0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(grads, eager[kind][1]):
+def test_regional_compile_trains_like_eager(tiny, kind):
+    """On the `tiny` preset's modules (q/k/v and the single blocks' fused projection: LoKr / LoHa layers in both
+    block types, with less to trace than `all`)."""
+    reference = loss_and_grads(tiny, kind, preset="tiny")
+    loss, grads = loss_and_grads(tiny, kind, preset="tiny", compile_transformer=True, compile_backend="aot_eager")
+    torch.testing.assert_close(loss, reference[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, reference[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
