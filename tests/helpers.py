@@ -119,3 +119,72 @@ def straight_and_faulted(encoded: Path, folder: Path, monkeypatch, fault_step: i
     monkeypatch.delenv("FLUX2LORA_FAULT")
     run_stage("train", faulted / "params.yaml")
     return straight, faulted
+
+
+def kill_trains_after_step(roots: list[Path], step: int, timeout: float = 300) -> None:
+    """SIGKILL the train stage of each project in `roots` right after step `step` (and its checkpoint, when one is
+    due), as a machine that dies there would: ONE subprocess imports flux2lora once and forks a child per project,
+    each run with FLUX2LORA_FAULT=train:step=<step>:hold (flux2lora.faults: the child waits at that point) and
+    killed with SIGKILL by the subprocess once its fault marker exists. Cheaper than a process per project (one
+    import of torch/diffusers), as honest as one (each child is a separate process that dies without unwinding)."""
+    proc = subprocess.run([sys.executable, __file__, "kill-trains-after-step", str(step), str(timeout),
+                           *map(str, roots)], env=project_env(FLUX2LORA_FAULT=f"train:step={step}:hold",
+                                                              FLUX2LORA_FAULT_HOLD_SECONDS=str(timeout)),
+                          capture_output=True, text=True, timeout=timeout * len(roots) + 120)
+    if proc.returncode != 0:
+        raise AssertionError(f"kill-trains-after-step failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-4000:]}")
+
+
+def _import_what_training_imports() -> None:
+    """Import, once before the forks, the modules the train stage imports lazily (diffusers' FLUX.2 classes, peft's
+    tuners, MLflow and its SQL store): ~20 s of CPU a child would otherwise spend again. Importing computes
+    nothing with torch."""
+    import diffusers
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import peft.tuners  # noqa: F401
+
+    import flux2lora.tracking  # noqa: F401
+    import flux2lora.train.recipe  # noqa: F401
+
+    for name in ("Flux2KleinPipeline", "Flux2Pipeline", "Flux2Transformer2DModel", "AutoencoderKLFlux2"):
+        getattr(diffusers, name)
+
+
+def _kill_trains_after_step_main(step: int, timeout: float, roots: list[Path]) -> None:
+    """The subprocess of kill_trains_after_step. Nothing here computes with torch before a fork, so each child
+    starts with torch's thread pools uninitialised (fork-safe)."""
+    import signal
+    import time
+
+    from flux2lora.faults import marker_path
+    from flux2lora.stages import run_stage
+
+    _import_what_training_imports()
+    for root in roots:
+        marker = marker_path(root / "outputs", "train", f"step={step}")
+        pid = os.fork()
+        if pid == 0:  # the child: train until the held fault; it never returns from there
+            code = 3
+            try:
+                run_stage("train", root / "params.yaml")
+            except BaseException as error:  # noqa: BLE001 (reported by the exit code below)
+                print(f"{root}: train stopped by {error!r}", file=sys.stderr)
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + timeout
+        while not marker.exists():
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done or time.monotonic() > deadline:
+                raise SystemExit(f"{root}: training ended or stalled before step {step}'s fault "
+                                 f"(status {status}); see the child's error above")
+            time.sleep(0.005)
+        os.kill(pid, signal.SIGKILL)
+        _, status, usage = os.wait4(pid, 0)
+        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            raise SystemExit(f"{root}: the train process was not killed by SIGKILL (status {status})")
+        print(f"{root}: killed by SIGKILL after step {step} ({usage.ru_utime + usage.ru_stime:.1f} s CPU)", flush=True)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["kill-trains-after-step"]:
+    _kill_trains_after_step_main(int(sys.argv[2]), float(sys.argv[3]), [Path(p) for p in sys.argv[4:]])
