@@ -165,18 +165,25 @@ def _run(encoded: Path, dest: Path, cluster, **params) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def on_project(encoded, cluster, tmp_path_factory):
-    """The reference: the same Ray job with runtime.storage null (the project folder)."""
+    """The reference: the same Ray job, uninterrupted, with runtime.storage null (the project folder)."""
     return _run(encoded, tmp_path_factory.mktemp("ray-project") / "project", cluster)
 
 
-@pytest.mark.slow
-def test_workers_train_from_s3_with_the_projects_caches_gone_and_write_the_lora_of_the_project_run(
-        encoded, cluster, on_project, tmp_path, monkeypatch):
-    """Right after the driver's upload the project's caches are moved away (the workers could not read them if
-    they tried); checkpoints land in the bucket, the LoRA, metrics and run file come back into the project, and the
-    LoRA file is byte-identical to the storage-null run's."""
-    from flux2lora.layout import layout_for
+@pytest.fixture(scope="module")
+def on_s3(encoded, cluster, tmp_path_factory):
+    """The job with runtime.storage on S3, made to depend on it twice over:
 
+    - right after the driver's upload the project's caches are moved away (restored after the job), so a worker
+      that read them from the project would fail;
+    - FLUX2LORA_FAULT=train:step=2:hold stops the first worker to get past step 2's checkpoint (the checkpoint is
+      in the bucket by then: the workers wait for its upload) and it is SIGKILLed by pid; Ray restarts the job
+      (ray_max_failures 1) and every worker starts again from an empty node-local folder, so the resumed job can
+      only have step 2's checkpoint from the bucket.
+
+    Returns (project, summary, {moved, killed})."""
+    from flux2lora import faults
+
+    dest = tmp_path_factory.mktemp("ray-s3") / "project"
     upload = SharedStorage.upload_inputs
     moved: list[tuple[Path, Path]] = []
 
@@ -188,44 +195,6 @@ def test_workers_train_from_s3_with_the_projects_caches_gone_and_write_the_lora_
             moved.append((away, Path(output_dir) / name))
         return counts
 
-    monkeypatch.setattr(SharedStorage, "upload_inputs", upload_then_move_the_caches_away)
-    try:
-        root, summary = _run(encoded, tmp_path / "s3", cluster, **{"runtime.storage": f"s3://{BUCKET}/job"})
-    finally:
-        for away, back in moved:
-            os.replace(away, back)
-    monkeypatch.undo()
-    assert len(moved) == 2 and summary["steps"] == 4 and summary["processes"] == 2
-
-    storage = SharedStorage.from_params(_params(root), root)
-    objects = storage.sizes("")
-    assert {"checkpoints/step-000002/lora.safetensors", "checkpoints/step-000002/training_state.pt",
-            "checkpoints/step-000002/state.json", MANIFEST} <= set(objects)
-    assert any(rel.startswith("ray_runs/") for rel in objects)  # Ray Train's own run storage
-    assert not (root / "outputs/checkpoints").exists()  # nothing of the job's was written in the project
-    layout = layout_for(root, "outputs")
-    assert layout.run_file.exists() and layout.train_metrics.exists()
-    assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
-    assert storage.upload_inputs(root / "outputs")["uploaded"] == 0  # a rerun uploads nothing
-    assert str(root) not in storage.read_bytes(MANIFEST).decode()  # relative names only
-
-
-def _params(root: Path):
-    from flux2lora.config import load_params
-
-    return load_params(root / "params.yaml")
-
-
-@pytest.mark.slow
-def test_a_worker_killed_mid_training_resumes_from_the_checkpoint_in_s3(encoded, cluster, on_project, tmp_path,
-                                                                        monkeypatch):
-    """FLUX2LORA_FAULT=train:step=2:hold stops the first worker past step 2's checkpoint (already mirrored to S3)
-    and the test SIGKILLs it; Ray restarts the job, each worker starts from an empty node-local folder, pulls the
-    checkpoint from the bucket and ends bitwise equal to the uninterrupted run."""
-    from flux2lora import faults
-
-    monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=2:hold")
-    dest = tmp_path / "faulted"
     marker = faults.marker_path(dest / "outputs", "train", "step=2")
     killed: list[int] = []
 
@@ -240,11 +209,56 @@ def test_a_worker_killed_mid_training_resumes_from_the_checkpoint_in_s3(encoded,
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_the_holding_worker, daemon=True)
-    killer.start()
-    root, summary = _run(encoded, dest, cluster, **{"runtime.storage": f"s3://{BUCKET}/faulted",
-                                                    "runtime.ray_max_failures": 1})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SharedStorage, "upload_inputs", upload_then_move_the_caches_away)
+        mp.setenv("FLUX2LORA_FAULT", "train:step=2:hold")
+        killer.start()
+        try:
+            root, summary = _run(encoded, dest, cluster, **{"runtime.storage": f"s3://{BUCKET}/job",
+                                                            "runtime.ray_max_failures": 1})
+        finally:
+            for away, back in moved:
+                os.replace(away, back)
     killer.join(timeout=1)
-    assert killed, "no worker reached the fault"
+    return root, summary, {"moved": [back.name for _, back in moved], "killed": killed}
+
+
+def _params(root: Path):
+    from flux2lora.config import load_params
+
+    return load_params(root / "params.yaml")
+
+
+@pytest.mark.slow
+def test_workers_train_from_s3_and_the_lora_metrics_and_run_file_come_back_into_the_project(on_s3, on_project):
+    """The caches were gone from the project while the job ran; checkpoints and Ray's run storage are in the
+    bucket, none in the project; the LoRA file is byte-identical to the storage-null run's."""
+    from flux2lora.layout import layout_for
+
+    root, summary, events = on_s3
+    assert sorted(events["moved"]) == sorted(INPUTS)
+    assert summary["steps"] == 4 and summary["processes"] == 2
+    storage = SharedStorage.from_params(_params(root), root)
+    objects = storage.sizes("")
+    assert {f"checkpoints/step-000002/{f}" for f in ("lora.safetensors", "training_state.pt", "state.json")} | \
+        {MANIFEST} <= set(objects)
+    assert any(rel.startswith("ray_runs/") for rel in objects)  # Ray Train's own run storage
+    assert not (root / "outputs/checkpoints").exists()  # nothing of the job's was written in the project
+    layout = layout_for(root, "outputs")
+    assert layout.run_file.exists() and layout.train_metrics.exists()
+    assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
+    assert storage.upload_inputs(root / "outputs")["uploaded"] == 0  # a rerun uploads nothing
+    assert str(root) not in storage.read_bytes(MANIFEST).decode()  # relative names only
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_training_resumes_from_the_checkpoint_in_s3(on_s3, on_project):
+    """The killed worker's job resumed from step 2 (which only the bucket held) and ended bitwise equal to the
+    uninterrupted run."""
+    import psutil
+
+    root, summary, events = on_s3
+    assert events["killed"], "no worker reached the fault"
+    assert not psutil.pid_exists(events["killed"][0])
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
-    assert not (root / "outputs/checkpoints").exists()  # the resumed job read its checkpoint from the bucket
     assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()

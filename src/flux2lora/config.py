@@ -679,6 +679,8 @@ def _section_model(loc: tuple) -> type[BaseModel]:
 MOVED_KEYS = {
     "encode_latents.resolution": "prepare.resolution (with resolution_type, crop, crop_aspect: the training size is a "
                                  "property of each dataset, as in the seed's multidatabackend.json)",
+    "runtime.ray_storage": "runtime.storage (Ray's run storage is <storage>/ray_runs; the caches and checkpoints "
+                           "live there too)",
 }
 
 

@@ -344,8 +344,11 @@ class LoRATrainingRecipe:
                                    {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
                                     "loss": self.last_loss}, keep=self.cfg.checkpoints_total_limit,
                                    protect=self.selection.best_step if keep_best else None)
-        if saved is not None and self.checkpoint_mirror is not None:
-            self.checkpoint_mirror.push(self.layout.checkpoints_dir)
+        if self.checkpoint_mirror is not None:
+            if saved is not None:
+                self.checkpoint_mirror.push(self.layout.checkpoints_dir)
+            # a checkpoint counts once it is in the shared storage: no process goes on (or fails) before that
+            self.accelerator.wait_for_everyone()
 
     def _after_step(self, done: int, grad_norm: float, run_log: RunLog) -> None:
         cfg = self.cfg
