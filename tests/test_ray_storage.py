@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -29,6 +30,7 @@ from flux2lora.shared_storage import INPUTS, MANIFEST, CheckpointMirror, SharedS
 
 LORA = "outputs/lora/pytorch_lora_weights.safetensors"
 BUCKET = "runs"
+SECRET = "flux2lora-test-secret-key"  # moto accepts any: a distinctive one, to look for where it must not be
 logger = logging.getLogger("test.ray_storage")
 
 
@@ -37,7 +39,7 @@ def s3_env():
     """moto's S3 on loopback with bucket BUCKET, and the AWS environment pointing at it (test credentials, no
     ~/.aws), set before any cluster starts so that its nodes have it as a real node's own credentials."""
     with moto_server((BUCKET,)) as endpoint, pytest.MonkeyPatch.context() as mp:
-        for key, value in {**S3_TEST_ENV, "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        for key, value in {**S3_TEST_ENV, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": "/nonexistent/aws-config",
                            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}.items():
             mp.setenv(key, value)
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
@@ -75,6 +77,8 @@ def test_inputs_upload_once_and_download_checked(s3_env, tmp_path, where):
     node = tmp_path / "node" / "staging"
     assert storage.download_inputs(node) == 3
     assert all((node / rel).read_bytes() == (out / rel).read_bytes() for rel in manifest)
+    assert SECRET.encode() not in pickle.dumps(storage)  # what travels to the workers (and into Ray's state)
+    assert SECRET.encode() not in pickle.dumps(storage.filesystem)
     storage.write_bytes("latents/index.json", b'{"a": 2}')  # the stored copy changed behind the manifest
     with pytest.raises(OSError, match=r"latents/index.json does not match its sha256"):
         storage.download_inputs(tmp_path / "node2")
@@ -249,6 +253,9 @@ def test_workers_train_from_s3_and_the_lora_metrics_and_run_file_come_back_into_
     assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
     assert storage.upload_inputs(root / "outputs")["uploaded"] == 0  # a rerun uploads nothing
     assert str(root) not in storage.read_bytes(MANIFEST).decode()  # relative names only
+    # the credentials are the nodes' own: in no object of the bucket (Ray's run state included), nor in MLflow
+    assert not [rel for rel in objects if SECRET.encode() in storage.read_bytes(rel)]
+    assert SECRET.encode() not in (root / "mlflow.db").read_bytes()
 
 
 @pytest.mark.slow

@@ -294,7 +294,7 @@ class StagedLayout(Layout):
     the node-local `staging` folder; everything else (prepare's report, prompt embeddings, fault markers) where the
     project's layout has it."""
 
-    staging: Path = Path()
+    staging: Path
 
     @property
     def state_dir(self) -> Path:
