@@ -499,8 +499,29 @@ class RuntimeParams(Section):
     # engine ray: whole-job restarts after a worker dies (ray.train.FailureConfig); each resumes from the newest
     # checkpoint of the run (train.checkpointing_steps), so the LoRA is the uninterrupted run's.
     ray_max_failures: int = Field(0, ge=-1)
-    # engine ray: Ray Train's run storage (a folder every node sees, or s3://...); null: <project>/.ray_runs.
-    ray_storage: str | None = None
+    # engine ray: where the job's data lives for every node (flux2lora.shared_storage): a folder every node mounts
+    # (relative: to the project) or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL,
+    # credentials from each node's own AWS chain). The driver uploads train's caches there, workers train from a
+    # node-local copy and keep checkpoints under <storage>/checkpoints, the LoRA and train files come back into the
+    # project; Ray Train's run storage is <storage>/ray_runs. null: the project folder (every node must see it;
+    # Ray's run storage is <project>/.ray_runs).
+    storage: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_location(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if "://" in value and not value.startswith("s3://"):
+            raise ValueError(f"runtime.storage {value!r}: a folder every node mounts or s3://bucket/prefix")
+        if value.startswith("s3://"):
+            bucket = value[len("s3://"):].split("/", 1)[0]
+            if "@" in bucket or ":" in bucket:
+                raise ValueError("runtime.storage: credentials do not belong in the URI (it is stored in params and "
+                                 "MLflow); give each node its AWS credentials (environment, ~/.aws, instance role)")
+            if not bucket:
+                raise ValueError(f"runtime.storage {value!r}: no bucket; write s3://bucket/prefix")
+        return value
 
     def log_system_metrics(self) -> bool | None:
         """The value for `mlflow.start_run(log_system_metrics=...)`; None leaves it to MLflow's environment variable."""
@@ -658,6 +679,8 @@ def _section_model(loc: tuple) -> type[BaseModel]:
 MOVED_KEYS = {
     "encode_latents.resolution": "prepare.resolution (with resolution_type, crop, crop_aspect: the training size is a "
                                  "property of each dataset, as in the seed's multidatabackend.json)",
+    "runtime.ray_storage": "runtime.storage (Ray's run storage is <storage>/ray_runs; the caches and checkpoints "
+                           "live there too)",
 }
 
 

@@ -226,7 +226,7 @@ TABLE: dict[str, Computes | str] = {
     "runtime.ray_address": RUNS,
     "runtime.ray_master_addr": RUNS,
     "runtime.ray_max_failures": RUNS,
-    "runtime.ray_storage": RUNS,
+    "runtime.storage": RUNS,  # where a Ray job's caches and checkpoints live: the same bytes, wherever they are
 }
 
 

@@ -5,13 +5,17 @@ N-process `accelerate launch` computes.
 Ray sets up torch.distributed (gloo on CPU, NCCL on GPU) before the workers' function runs; accelerate finds the
 process group and the RANK/WORLD_SIZE/LOCAL_RANK variables Ray sets and uses them. A worker that dies fails the
 worker group; with `runtime.ray_max_failures` Ray starts the group again and the recipe resumes from the newest
-checkpoint in the project's checkpoints folder, which every node must see (the project on a shared volume).
+checkpoint. Where the workers find the caches and keep the checkpoints is `runtime.storage`: null, the project
+folder (which every node must then see); a shared folder or an S3 prefix, through `flux2lora.shared_storage`
+(the driver uploads the caches, each worker trains from a node-local copy, checkpoints are mirrored there, and
+the LoRA and train files come back into the project).
 
 Ray is the optional extra `flux2lora[ray]`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -74,25 +78,60 @@ def torch_config(master_addr: str | None):
 
 
 def _train_worker(config: dict) -> None:
-    """One Ray Train worker: the train stage's recipe, as one of `accelerate launch`'s processes would run it."""
+    """One Ray Train worker: the train stage's recipe, as one of `accelerate launch`'s processes would run it.
+
+    `config`: the driver's `params` (validated, so workers need no params file), the project `root` and the
+    runtime.storage (`SharedStorage`, or None: the project folder)."""
     from .stages import STAGES
-    from .config import load_params
     from .models import model_errors
 
-    params_path = Path(config["params_path"])
-    params = load_params(params_path)
+    params, root, storage = config["params"], Path(config["root"]), config["storage"]
     with model_errors(params.model):  # the driver healed the caches; the workers only read them
-        STAGES["train"](params, params_path.parent)
+        if storage is None:
+            STAGES["train"](params, root)
+        else:
+            _train_from_storage(params, root, storage)
 
 
-def ray_storage(root: Path, params: Params) -> str:
-    """Ray Train's run storage: runtime.ray_storage (relative to the project) or <project>/.ray_runs."""
-    storage = params.runtime.ray_storage
+def _train_from_storage(params: Params, root: Path, storage) -> None:
+    """The recipe in a node-local staging folder: the caches downloaded from `storage`, checkpoints mirrored to
+    it, and (rank 0) the LoRA and train files uploaded to `<storage>/outputs/` for the driver."""
+    import hashlib
+    import logging
+    import shutil
+    import tempfile
+
+    from . import shared_storage
+    from .tracking import describe_training_run
+    from .train.recipe import train
+
+    rank = int(os.environ.get("RANK", "0"))  # set by Ray Train for torch workers
+    # one folder per storage and rank, emptied first: a restarted worker (or one SIGKILLed before its cleanup)
+    # leaves nothing behind for the next attempt on this node
+    key = hashlib.sha256(storage.uri.encode()).hexdigest()[:12]
+    staging = Path(tempfile.gettempdir()) / "flux2lora-staging" / f"{key}-rank{rank}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        files = storage.download_inputs(staging)
+        logging.getLogger(__name__).info("ray worker %d: %d train input files from %s", rank, files, storage.uri)
+        layout = shared_storage.staged_layout(layout_for(root, params.output_dir), staging)
+        summary = train(params, root, layout=layout, checkpoint_mirror=shared_storage.CheckpointMirror(storage))
+        describe_training_run(params, root, summary)
+        if rank == 0:
+            for name, folder in shared_storage.output_dirs(layout).items():
+                storage.upload_tree(folder, f"{shared_storage.OUTPUTS}/{name}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def ray_storage(root: Path, storage) -> tuple[str, object]:
+    """Ray Train's run storage (RunConfig's storage_path, storage_filesystem): `<storage>/ray_runs` with
+    runtime.storage, else <project>/.ray_runs."""
     if storage is None:
-        return str(root / ".ray_runs")
-    if "://" in storage or Path(storage).is_absolute():
-        return storage
-    return str(root / storage)
+        return str(root / ".ray_runs"), None
+    from .shared_storage import RAY_RUNS
+
+    return storage.path(RAY_RUNS), storage.filesystem
 
 
 def scaling_config(params: Params):
@@ -107,18 +146,52 @@ def scaling_config(params: Params):
 def train_on_ray(root: Path, params: Params, logger, params_file: str = "params.yaml") -> dict:
     """Train as a Ray Train job on the cluster at runtime.ray_address; returns the stage's summary (metrics).
 
-    The driver (this process) heals the caches once, connects, runs the job and reads the metrics rank 0 wrote."""
+    The driver (this process) heals the caches once, connects, runs the job and reads the metrics rank 0 wrote.
+    The workers get `params` itself (not `params_file`): with runtime.storage they need no project folder for it."""
     ray = require_ray()
-    from ray.train import FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-
     from .models import model_errors
     from .stages import heal_caches
 
     root = Path(root).resolve()
-    runtime = params.runtime
     with model_errors(params.model):
         heal_caches("train", params, root)
+    layout = layout_for(root, params.output_dir)
+    with _storage_for_job(root, params, layout, logger) as storage:
+        _run_trainer(ray, root, params, storage, logger)
+    metrics = json.loads(layout.train_metrics.read_text())
+    run = json.loads(layout.run_file.read_text())
+    return {**metrics, "lora_file": str(layout.lora_file), "mlflow_run_id": run["run_id"]}
+
+
+@contextlib.contextmanager
+def _storage_for_job(root: Path, params: Params, layout, logger):
+    """runtime.storage for one job (None when unset): before it, the caches uploaded and the last job's outputs
+    cleared; after it, the outputs downloaded into the project. The project's training lock is held throughout
+    (with a storage no worker holds it: their bookkeeping is node-local)."""
+    from . import shared_storage
+    from .train.recipe import TrainingLock
+
+    storage = shared_storage.SharedStorage.from_params(params, root)
+    if storage is None:
+        yield None
+        return
+    with TrainingLock(layout.state_dir / "training.lock"):
+        counts = storage.upload_inputs(layout.output_dir)
+        logger.info("ray: train inputs in %s (%d uploaded, %d already there)", storage.uri, counts["uploaded"],
+                    counts["kept"])
+        storage.delete_dir(shared_storage.OUTPUTS)
+        yield storage
+        for name, folder in shared_storage.output_dirs(layout).items():
+            if not storage.download_tree(f"{shared_storage.OUTPUTS}/{name}", folder):
+                raise RuntimeError(f"ray: the job ended without {storage.describe(shared_storage.OUTPUTS)}/{name}")
+
+
+def _run_trainer(ray, root: Path, params: Params, storage, logger) -> None:
+    """Connect (or start a local cluster), run the TorchTrainer to its end, disconnect."""
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    runtime = params.runtime
     started_here = not ray.is_initialized()
     if started_here:
         # the workers see the driver's FLUX2LORA_* settings (progress interval, fault injection); their output is
@@ -128,16 +201,14 @@ def train_on_ray(root: Path, params: Params, logger, params_file: str = "params.
     try:
         logger.info("ray: training on %d workers of %s", runtime.num_processes,
                     runtime.ray_address or os.environ.get("RAY_ADDRESS") or "a local cluster")
+        storage_path, storage_filesystem = ray_storage(root, storage)
         trainer = TorchTrainer(
-            _train_worker, train_loop_config={"params_path": str(root / params_file)},
+            _train_worker, train_loop_config={"params": params, "root": str(root), "storage": storage},
             torch_config=torch_config(runtime.ray_master_addr), scaling_config=scaling_config(params),
-            run_config=RunConfig(name="flux2lora-train", storage_path=ray_storage(root, params),
+            run_config=RunConfig(name="flux2lora-train", storage_path=storage_path,
+                                 storage_filesystem=storage_filesystem,
                                  failure_config=FailureConfig(max_failures=runtime.ray_max_failures)))
         trainer.fit()
     finally:
         if started_here:
             ray.shutdown()
-    layout = layout_for(root, params.output_dir)
-    metrics = json.loads(layout.train_metrics.read_text())
-    run = json.loads(layout.run_file.read_text())
-    return {**metrics, "lora_file": str(layout.lora_file), "mlflow_run_id": run["run_id"]}

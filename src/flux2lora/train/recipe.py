@@ -177,9 +177,11 @@ class RunLog:
 class LoRATrainingRecipe:
     """setup -> resume -> train -> save (see the module docstring)."""
 
-    def __init__(self, params: Params, root: Path):
+    def __init__(self, params: Params, root: Path, layout=None, checkpoint_mirror=None):
         self.params, self.root, self.cfg = params, root, params.train
-        self.layout = layout_for(root, params.output_dir)
+        # runtime.storage (shared_storage.py): a worker's node-local layout, and the checkpoints' shared copy
+        self.layout = layout if layout is not None else layout_for(root, params.output_dir)
+        self.checkpoint_mirror = checkpoint_mirror
         self.start_step, self.run_id = 0, None
         self.last_step = 0  # the last step trained (below max_steps when early stopping ended the run)
         self.losses: list[float] = []
@@ -240,6 +242,8 @@ class LoRATrainingRecipe:
                 p.data = p.data.to(self.device)
         self.transformer = transformer
         # resume's LoRA weights go in before any wrapping (FSDP shards them)
+        if self.checkpoint_mirror is not None and cfg.resume_from_checkpoint:
+            self.checkpoint_mirror.pull(self.layout.checkpoints_dir)
         self.checkpoint = latest_matching(self.layout.checkpoints_dir, self.fingerprint) \
             if cfg.resume_from_checkpoint else None
         if self.checkpoint is not None:
@@ -336,10 +340,15 @@ class LoRATrainingRecipe:
     def _checkpoint(self, step: int, run_log: RunLog) -> None:
         """Checkpoint `step`; best_eval's best checkpoint is never deleted by checkpoints_total_limit."""
         keep_best = self.selection is not None and self.selection.keep_best
-        self.state.capture(self.layout.checkpoints_dir, step,
-                           {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
-                            "loss": self.last_loss}, keep=self.cfg.checkpoints_total_limit,
-                           protect=self.selection.best_step if keep_best else None)
+        saved = self.state.capture(self.layout.checkpoints_dir, step,
+                                   {"fingerprint": self.fingerprint, "mlflow_run_id": run_log.run_id,
+                                    "loss": self.last_loss}, keep=self.cfg.checkpoints_total_limit,
+                                   protect=self.selection.best_step if keep_best else None)
+        if self.checkpoint_mirror is not None:
+            if saved is not None:
+                self.checkpoint_mirror.push(self.layout.checkpoints_dir)
+            # a checkpoint counts once it is in the shared storage: no process goes on (or fails) before that
+            self.accelerator.wait_for_everyone()
 
     def _after_step(self, done: int, grad_norm: float, run_log: RunLog) -> None:
         cfg = self.cfg
@@ -421,13 +430,14 @@ class LoRATrainingRecipe:
         return summary
 
 
-def train(params: Params, root: Path) -> dict:
+def train(params: Params, root: Path, layout=None, checkpoint_mirror=None) -> dict:
     """Train the LoRA; writes lora/pytorch_lora_weights.safetensors, train/metrics.json and train/mlflow_run.json.
 
-    One training per project at a time: the main process holds `TrainingLock` from setup to the end."""
-    layout = layout_for(root, params.output_dir)
+    One training per project at a time: the main process holds `TrainingLock` from setup to the end. `layout` and
+    `checkpoint_mirror`: a Ray worker's with runtime.storage (flux2lora.shared_storage)."""
+    layout = layout if layout is not None else layout_for(root, params.output_dir)
     with TrainingLock(layout.state_dir / "training.lock", enabled=_is_main_process()):
-        recipe = LoRATrainingRecipe(params, root)
+        recipe = LoRATrainingRecipe(params, root, layout, checkpoint_mirror)
         recipe.setup()
         recipe.resume()
         run_log = RunLog(params, root, recipe.main_process, layout.state_dir / "training_mlflow_run.json")

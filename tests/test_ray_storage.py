@@ -1,0 +1,271 @@
+"""runtime.storage: a Ray job's caches and checkpoints in a place every node sees, here S3 (moto's server on
+loopback, real HTTP through pyarrow's S3 filesystem, the one Ray Train uses).
+
+The unit tests drive flux2lora.shared_storage directly (no Ray): inputs uploaded once and skipped when unchanged,
+downloaded and checked, checkpoints mirrored and pulled back as the files the recipe resumes from. The cluster
+tests run a head and one worker node (`ray start` processes on 127.0.0.2, one CPU each) with 2 workers: the workers
+train from S3 while the project's caches are moved away, checkpoints land in the bucket, the LoRA is the one of
+the same run with storage null (bitwise), and a worker killed after step 2 resumes from the bucket's checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import REPO, make_project, set_params
+from servers import S3_TEST_ENV, moto_server
+
+from flux2lora.shared_storage import INPUTS, MANIFEST, CheckpointMirror, SharedStorage
+
+LORA = "outputs/lora/pytorch_lora_weights.safetensors"
+BUCKET = "runs"
+SECRET = "flux2lora-test-secret-key"  # moto accepts any: a distinctive one, to look for where it must not be
+logger = logging.getLogger("test.ray_storage")
+
+
+@pytest.fixture(scope="module")
+def s3_env():
+    """moto's S3 on loopback with bucket BUCKET, and the AWS environment pointing at it (test credentials, no
+    ~/.aws), set before any cluster starts so that its nodes have it as a real node's own credentials."""
+    with moto_server((BUCKET,)) as endpoint, pytest.MonkeyPatch.context() as mp:
+        for key, value in {**S3_TEST_ENV, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+                           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}.items():
+            mp.setenv(key, value)
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            mp.delenv(key, raising=False)
+        yield endpoint
+
+
+def _storage(tmp_path: Path, where: str, prefix: str) -> SharedStorage:
+    from flux2lora.config import Params
+
+    value = f"s3://{BUCKET}/{prefix}" if where == "s3" else str(tmp_path / "shared" / prefix)
+    return SharedStorage.from_params(Params.model_validate({"runtime": {"storage": value}}), tmp_path)
+
+
+def _caches(output_dir: Path) -> None:
+    for rel, data in {"latents/index.json": b'{"a": 1}', "latents/shard-0.safetensors": b"x" * 1000,
+                      "text_embeds/index.json": b"{}", "text_embeds/sub/shard-0.safetensors": b"y" * 10}.items():
+        (output_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (output_dir / rel).write_bytes(data)
+
+
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_inputs_upload_once_and_download_checked(s3_env, tmp_path, where):
+    storage = _storage(tmp_path, where, "inputs")
+    out = tmp_path / "project" / "outputs"
+    _caches(out)
+    assert storage.upload_inputs(out) == {"uploaded": 4, "kept": 0, "deleted": 0}
+    assert storage.upload_inputs(out) == {"uploaded": 0, "kept": 4, "deleted": 0}  # a rerun uploads nothing
+    (out / "latents/shard-0.safetensors").write_bytes(b"z" * 1000)  # same size, other content
+    (out / "text_embeds/sub/shard-0.safetensors").unlink()
+    assert storage.upload_inputs(out) == {"uploaded": 1, "kept": 2, "deleted": 1}
+    manifest = storage.read_manifest()
+    assert sorted(manifest) == ["latents/index.json", "latents/shard-0.safetensors", "text_embeds/index.json"]
+
+    node = tmp_path / "node" / "staging"
+    assert storage.download_inputs(node) == 3
+    assert all((node / rel).read_bytes() == (out / rel).read_bytes() for rel in manifest)
+    assert SECRET.encode() not in pickle.dumps(storage)  # what travels to the workers (and into Ray's state)
+    assert SECRET.encode() not in pickle.dumps(storage.filesystem)
+    storage.write_bytes("latents/index.json", b'{"a": 2}')  # the stored copy changed behind the manifest
+    with pytest.raises(OSError, match=r"latents/index.json does not match its sha256"):
+        storage.download_inputs(tmp_path / "node2")
+
+
+def test_the_uploaded_inputs_are_the_ones_dvc_yaml_declares_for_train():
+    from flux2lora.stages import caches_read_by
+
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    declared = {d.removeprefix("${output_dir}/") for d in deps} - {"params/train.json"}  # the workers get params
+    assert set(INPUTS) == declared == set(caches_read_by("train", None, REPO))
+
+
+@pytest.mark.parametrize("where", ["s3", "folder"])
+def test_checkpoints_mirror_and_pull_back_as_the_recipes_files(s3_env, tmp_path, where):
+    from flux2lora.train.checkpoint import latest_matching, list_checkpoints, save_checkpoint
+
+    storage = _storage(tmp_path, where, "ckpt")
+    mirror = CheckpointMirror(storage)
+    local = tmp_path / "node-a" / "checkpoints"
+    for step in (1, 2, 3):
+        save_checkpoint(local, step, {"w": torch.full((2,), float(step))}, {"step": step},
+                        {"fingerprint": "f1"}, keep=2)
+        mirror.push(local)
+    assert sorted({rel.split("/")[1] for rel in storage.sizes("checkpoints")}) == ["step-000002", "step-000003"]
+    assert mirror.push(local) == 0  # nothing new
+
+    storage.write_bytes("checkpoints/step-000009/lora.safetensors", b"half")  # an upload cut short: ignored
+    other = tmp_path / "node-b" / "checkpoints"
+    assert mirror.pull(other) == 2 and mirror.pull(other) == 0
+    assert [c.step for c in list_checkpoints(other)] == [2, 3]
+    newest = latest_matching(other, "f1")
+    assert newest.step == 3 and torch.equal(newest.lora["w"], torch.full((2,), 3.0))
+    assert newest.training_state() == {"step": 3}
+    assert all((other / n / f).read_bytes() == (local / n / f).read_bytes()
+               for n in ("step-000002", "step-000003") for f in os.listdir(local / n))
+
+
+def test_storage_values_that_cannot_work_are_refused_naming_the_key(tmp_path):
+    from flux2lora.config import Params, ParamsError, parse_params
+
+    for value, message in [("s3://AKIA:secret@bucket/p", "credentials do not belong in the URI"),
+                           ("gs://bucket/p", "a folder every node mounts or s3://"), ("s3:///p", "no bucket")]:
+        with pytest.raises(ParamsError, match=message) as e:  # what `flux2lora` prints for params.yaml
+            parse_params({"runtime": {"storage": value}})
+        assert "runtime.storage" in str(e.value)
+    relative = SharedStorage.from_params(Params.model_validate({"runtime": {"storage": "../shared"}}), tmp_path)
+    assert relative.uri == str(tmp_path.parent / "shared")
+
+
+# -- on a real cluster
+
+@pytest.fixture(scope="module")
+def cluster(s3_env):
+    pytest.importorskip("ray", reason="the ray extra (pip install 'flux2lora[ray]') is not installed")
+    from ray_cluster import LocalRayCluster
+
+    c = LocalRayCluster(workers=1)  # the head's CPU and the worker node's: 2 workers, one per node
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> Path:
+    """A project with its caches encoded, for 2 workers of one micro-batch each, 4 steps, a checkpoint at step 2."""
+    from flux2lora.stages import run_stage
+
+    root = make_project(tmp_path_factory.mktemp("ray-storage") / "template", git=False, images=4,
+                        **{"train.max_train_steps": 4, "train.checkpointing_steps": 2,
+                           "train.mixed_precision": "no", "train.train_batch_size": 1,
+                           "runtime.num_processes": 2})
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, root / "params.yaml")
+    return root
+
+
+def _run(encoded: Path, dest: Path, cluster, **params) -> tuple[Path, dict]:
+    from ray_cluster import NODE_IP
+
+    from flux2lora.config import load_params
+    from flux2lora.launch import launch_train
+
+    shutil.copytree(encoded, dest, symlinks=True)
+    set_params(dest, **{"runtime.engine": "ray", "runtime.ray_address": cluster.address,
+                        "runtime.ray_master_addr": NODE_IP, **params})
+    return dest, launch_train(dest, load_params(dest / "params.yaml"), logger)
+
+
+@pytest.fixture(scope="module")
+def on_project(encoded, cluster, tmp_path_factory):
+    """The reference: the same Ray job, uninterrupted, with runtime.storage null (the project folder)."""
+    return _run(encoded, tmp_path_factory.mktemp("ray-project") / "project", cluster)
+
+
+@pytest.fixture(scope="module")
+def on_s3(encoded, cluster, tmp_path_factory):
+    """The job with runtime.storage on S3, made to depend on it twice over:
+
+    - right after the driver's upload the project's caches are moved away (restored after the job), so a worker
+      that read them from the project would fail;
+    - FLUX2LORA_FAULT=train:step=2:hold stops the first worker to get past step 2's checkpoint (the checkpoint is
+      in the bucket by then: the workers wait for its upload) and it is SIGKILLed by pid; Ray restarts the job
+      (ray_max_failures 1) and every worker starts again from an empty node-local folder, so the resumed job can
+      only have step 2's checkpoint from the bucket.
+
+    Returns (project, summary, {moved, killed})."""
+    from flux2lora import faults
+
+    dest = tmp_path_factory.mktemp("ray-s3") / "project"
+    upload = SharedStorage.upload_inputs
+    moved: list[tuple[Path, Path]] = []
+
+    def upload_then_move_the_caches_away(self, output_dir):
+        counts = upload(self, output_dir)
+        for name in INPUTS:
+            away = Path(output_dir) / f"{name}.away"
+            os.replace(Path(output_dir) / name, away)
+            moved.append((away, Path(output_dir) / name))
+        return counts
+
+    marker = faults.marker_path(dest / "outputs", "train", "step=2")
+    killed: list[int] = []
+
+    def kill_the_holding_worker():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            found = re.search(r"pid (\d+)", marker.read_text()) if marker.exists() else None
+            if found:
+                os.kill(int(found.group(1)), signal.SIGKILL)
+                killed.append(int(found.group(1)))
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_the_holding_worker, daemon=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SharedStorage, "upload_inputs", upload_then_move_the_caches_away)
+        mp.setenv("FLUX2LORA_FAULT", "train:step=2:hold")
+        killer.start()
+        try:
+            root, summary = _run(encoded, dest, cluster, **{"runtime.storage": f"s3://{BUCKET}/job",
+                                                            "runtime.ray_max_failures": 1})
+        finally:
+            for away, back in moved:
+                os.replace(away, back)
+    killer.join(timeout=1)
+    return root, summary, {"moved": [back.name for _, back in moved], "killed": killed}
+
+
+def _params(root: Path):
+    from flux2lora.config import load_params
+
+    return load_params(root / "params.yaml")
+
+
+@pytest.mark.slow
+def test_workers_train_from_s3_and_the_lora_metrics_and_run_file_come_back_into_the_project(on_s3, on_project):
+    """The caches were gone from the project while the job ran; checkpoints and Ray's run storage are in the
+    bucket, none in the project; the LoRA file is byte-identical to the storage-null run's."""
+    from flux2lora.layout import layout_for
+
+    root, summary, events = on_s3
+    assert sorted(events["moved"]) == sorted(INPUTS)
+    assert summary["steps"] == 4 and summary["processes"] == 2
+    storage = SharedStorage.from_params(_params(root), root)
+    objects = storage.sizes("")
+    assert {f"checkpoints/step-000002/{f}" for f in ("lora.safetensors", "training_state.pt", "state.json")} | \
+        {MANIFEST} <= set(objects)
+    assert any(rel.startswith("ray_runs/") for rel in objects)  # Ray Train's own run storage
+    assert not (root / "outputs/checkpoints").exists()  # nothing of the job's was written in the project
+    layout = layout_for(root, "outputs")
+    assert layout.run_file.exists() and layout.train_metrics.exists()
+    assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
+    assert storage.upload_inputs(root / "outputs")["uploaded"] == 0  # a rerun uploads nothing
+    assert str(root) not in storage.read_bytes(MANIFEST).decode()  # relative names only
+    # the credentials are the nodes' own: in no object of the bucket (Ray's run state included), nor in MLflow
+    assert not [rel for rel in objects if SECRET.encode() in storage.read_bytes(rel)]
+    assert SECRET.encode() not in (root / "mlflow.db").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_training_resumes_from_the_checkpoint_in_s3(on_s3, on_project):
+    """The killed worker's job resumed from step 2 (which only the bucket held) and ended bitwise equal to the
+    uninterrupted run."""
+    import psutil
+
+    root, summary, events = on_s3
+    assert events["killed"], "no worker reached the fault"
+    assert not psutil.pid_exists(events["killed"][0])
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
+    assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
