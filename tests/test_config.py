@@ -51,3 +51,16 @@ def test_flat_params_cover_every_section():
     flat = parse_params({}).flat()
     assert flat["train.learning_rate"] == 1e-4
     assert "validate.validation_resolution" in flat and "model.model_flavour" in flat
+
+
+def test_a_refused_uri_with_credentials_is_echoed_without_them():
+    """A refused value is echoed in the message (which reaches logs and Prefect's task log): a URL's
+    user:password part never is."""
+    from flux2lora.config import ParamsError, parse_params
+
+    with pytest.raises(ParamsError) as caught:
+        parse_params({"runtime": {"storage": "s3://AKIAEXAMPLEKEY:wJalrEXAMPLESECRET@bucket/prefix"}})
+    message = str(caught.value)
+    assert "runtime.storage" in message and "credentials do not belong in the URI" in message
+    assert "AKIAEXAMPLEKEY" not in message and "wJalrEXAMPLESECRET" not in message
+    assert "s3://***@bucket/prefix" in message

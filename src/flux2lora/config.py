@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -698,6 +699,15 @@ REFUSED_KEYS = {
 }
 
 
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """`text` with the user:password part of every URL in it replaced by ***: a refused value is echoed back in
+    messages, which reach logs and Prefect's task log, and a URL may carry a key."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+
+
 def _explain(error: ValidationError, source: str) -> str:
     lines = []
     for err in error.errors():
@@ -715,7 +725,7 @@ def _explain(error: ValidationError, source: str) -> str:
             lines.append(f"unknown key {where!r}{hint}")
         else:
             lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})" if where else err["msg"])
-    return f"{source}: invalid params:\n  " + "\n  ".join(lines)
+    return redact_url_credentials(f"{source}: invalid params:\n  " + "\n  ".join(lines))
 
 
 def parse_params(raw: dict[str, Any] | None, source: str = PARAMS_FILE) -> Params:
