@@ -246,10 +246,10 @@ def _report_for(path: Path, flavour: str, grouped, metadata: dict[str, str]) -> 
         if "alpha" in parts:
             alpha = float(parts["alpha"].item())
         elif lora_alpha is not None:
-            from peft.utils.other import get_pattern_key
+            from .export import pattern_key_of
 
             diffusers_name = table[module][0][0]
-            alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), diffusers_name), lora_alpha))
+            alpha = float(alpha_pattern.get(pattern_key_of(alpha_pattern.keys(), diffusers_name), lora_alpha))
         else:
             alpha = None
         targets, expected = table[module]

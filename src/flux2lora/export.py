@@ -79,18 +79,28 @@ def module_pairs(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
     return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}
 
 
+def pattern_key_of(pattern_keys, module: str) -> str:
+    """peft's `get_pattern_key` (the pattern of rank_pattern / alpha_pattern that names `module`, else `module`).
+    peft is imported only when there is a pattern to match: importing it costs a publish or export process
+    seconds (it pulls in transformers), and files without patterns, which train writes, need none."""
+    pattern_keys = list(pattern_keys)
+    if not pattern_keys:
+        return module
+    from peft.utils.other import get_pattern_key as peft_get_pattern_key
+
+    return peft_get_pattern_key(pattern_keys, module)
+
+
 def peft_scales(modules: list[str], ranks: dict[str, int], config: dict) -> dict[str, float]:
     """Each module's LoRA scale as peft computes it: alpha / r, or alpha / sqrt(r) with rsLoRA; per-module rank
     and alpha come from `rank_pattern` / `alpha_pattern` (peft's own pattern matching)."""
-    from peft.utils.other import get_pattern_key
-
     if config.get("use_dora"):
         raise ValueError("DoRA adapters have no BFL / ComfyUI LoRA equivalent; export the diffusers file only")
     alpha_pattern = config.get("alpha_pattern") or {}
     default_alpha = config.get("lora_alpha", config.get("r"))
     scales = {}
     for module in modules:
-        key = get_pattern_key(alpha_pattern.keys(), module)
+        key = pattern_key_of(alpha_pattern.keys(), module)
         alpha = alpha_pattern.get(key, default_alpha)
         r = ranks[module]
         alpha = r if alpha is None else alpha
@@ -180,13 +190,11 @@ def lycoris_modules(state: dict[str, torch.Tensor], parts: tuple[str, ...]) -> d
 def lycoris_scales(modules: list[str], config: dict) -> dict[str, float]:
     """Each module's LoKr / LoHa scale as peft computes it: alpha / r, per-module r and alpha from rank_pattern /
     alpha_pattern (peft's own pattern matching)."""
-    from peft.utils.other import get_pattern_key
-
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     scales = {}
     for module in modules:
-        r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config["r"])
-        alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config["alpha"])
+        r = rank_pattern.get(pattern_key_of(rank_pattern.keys(), module), config["r"])
+        alpha = alpha_pattern.get(pattern_key_of(alpha_pattern.keys(), module), config["alpha"])
         scales[module] = float(alpha) / float(r)
     return scales
 
