@@ -20,7 +20,7 @@ from ray_cluster import NODE_IP, ConnectionWatch, LocalRayCluster
 from servers import PrefectAPI, prefect_in_process
 
 from flux2lora.config import load_params
-from flux2lora.stages import STAGES
+from flux2lora.stages import STAGES, run_stage
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'flux2lora[ray]') is not installed")
@@ -151,26 +151,27 @@ def test_a_failed_job_is_an_error_with_its_id_and_last_lines(cluster, jobs, tmp_
 def test_an_interrupt_while_waiting_stops_the_job_and_its_workers(cluster, jobs, tmp_path, monkeypatch):
     """Ctrl-C (or Prefect cancelling, or SIGTERM raised as an exception) while the job trains: the job is stopped and
     its Ray Train workers end. FLUX2LORA_FAULT=train:step=1:hold holds a worker after step 1 (its pid in the marker);
-    the interrupt comes in the wait's next poll."""
+    the interrupt comes in the wait's next poll of the job's status."""
     from flux2lora import faults, ray_jobs
     from flux2lora.launch import launch_train
 
     project = make_project(tmp_path / "project", git=False, **_ray_job_params(cluster))
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, project / "params.yaml")
     monkeypatch.setenv(faults.ENV, "train:step=1:hold")
     monkeypatch.setenv("FLUX2LORA_FAULT_HOLD_SECONDS", "120")
     marker = faults.marker_path(project / "outputs", "train", "step=1")
-    sleep = time.sleep
+    log_lines = ray_jobs._LogTail.log_lines
 
-    def interrupted_once_a_worker_holds(seconds):
+    def interrupted_once_a_worker_holds(tail, wait):
         if marker.exists() and "pid" in marker.read_text():
             raise KeyboardInterrupt
-        sleep(seconds)
+        log_lines(tail, wait)
 
-    monkeypatch.setattr(ray_jobs.time, "sleep", interrupted_once_a_worker_holds)
+    monkeypatch.setattr(ray_jobs._LogTail, "log_lines", interrupted_once_a_worker_holds)
     submitted_before = {job.submission_id for job in jobs.list_jobs()}
     with pytest.raises(KeyboardInterrupt):
         launch_train(project, load_params(project / "params.yaml"), logger)
-    monkeypatch.setattr(ray_jobs.time, "sleep", sleep)
     (job_id,) = {job.submission_id for job in jobs.list_jobs()} - submitted_before
     held = int(re.search(r"pid (\d+)", marker.read_text()).group(1))
     deadline = time.monotonic() + 60

@@ -21,8 +21,8 @@ import asyncio
 import json
 import os
 import shlex
+import queue
 import threading
-import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -100,42 +100,54 @@ def _jobs_client(address: str):
 
 
 class _LogTail:
-    """The job's output, followed in a thread of its own (tail_job_logs is async), each line logged and the last
-    `keep` kept for an error message."""
+    """The job's output, followed in a thread of its own (tail_job_logs is async) and handed as lines to the waiting
+    thread, which logs them: a Prefect run logger belongs to its task's thread and context. The last `keep` lines
+    are kept for an error message."""
 
     def __init__(self, client, job_id: str, logger, keep: int = 40):
         self.client, self.job_id, self.logger = client, job_id, logger
         self.tail: deque[str] = deque(maxlen=keep)
         self.error: BaseException | None = None
-        self._partial = ""
-        self._thread = threading.Thread(target=self._run, name=f"ray-job-logs-{job_id}", daemon=True)
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._follow, name=f"ray-job-logs-{job_id}", daemon=True)
 
     def start(self) -> "_LogTail":
         self._thread.start()
         return self
 
-    def join(self, timeout: float) -> None:
+    def log_lines(self, wait: float) -> None:
+        """Log the lines that arrived, waiting up to `wait` seconds for the first one."""
+        try:
+            line = self._lines.get(timeout=wait)
+            while True:
+                self.tail.append(line)
+                self.logger.info("%s", line)
+                line = self._lines.get_nowait()
+        except queue.Empty:
+            pass
+
+    def finish(self, timeout: float = 30) -> None:
+        """Wait for the stream to close (it does once the job ended) and log what is left."""
         self._thread.join(timeout)
+        self.log_lines(wait=0)
 
-    def _line(self, line: str) -> None:
-        line = line.rstrip()
-        if line:
-            self.tail.append(line)
-            self.logger.info("%s", line)
+    def _follow(self) -> None:
+        partial = ""
 
-    def _run(self) -> None:
         async def follow():
+            nonlocal partial
             async for chunk in self.client.tail_job_logs(self.job_id):
                 # chunks are not lines; tqdm's carriage-return redraws count as lines
-                *lines, self._partial = (self._partial + chunk.replace("\r", "\n")).split("\n")
-                for line in lines:
-                    self._line(line)
+                *lines, partial = (partial + chunk.replace("\r", "\n")).split("\n")
+                for line in filter(None, (line.rstrip() for line in lines)):
+                    self._lines.put(line)
 
         try:
             asyncio.run(follow())
         except Exception as e:  # the log stream broke; the status poll still decides how the job ended
             self.error = e
-        self._line(self._partial)
+        if partial.strip():
+            self._lines.put(partial.rstrip())
 
 
 def submit_train_job(root: Path, params: Params, logger, params_file: str = "params.yaml") -> dict:
@@ -158,7 +170,7 @@ def submit_train_job(root: Path, params: Params, logger, params_file: str = "par
     logs = _LogTail(client, job_id, logger).start()
     try:
         while not (status := client.get_job_status(job_id)).is_terminal():
-            time.sleep(POLL_SECONDS)
+            logs.log_lines(wait=POLL_SECONDS)
     except BaseException:
         logger.warning("ray: interrupted, stopping job %s", job_id)
         try:
@@ -167,7 +179,7 @@ def submit_train_job(root: Path, params: Params, logger, params_file: str = "par
             logger.warning("ray: could not stop job %s; stop it with `ray job stop --address %s %s`",
                            job_id, address, job_id, exc_info=True)
         raise
-    logs.join(timeout=30)  # the log stream closes once the job ended
+    logs.finish()
     if logs.error is not None:
         logger.warning("ray: the log stream of job %s broke (%s); its logs: ray job logs --address %s %s",
                        job_id, logs.error, address, job_id)
