@@ -25,13 +25,18 @@ NODE_IP = "127.0.0.2"
 
 
 class LocalRayCluster:
-    """A head and worker nodes as separate `ray start --block` processes on NODE_IP, in their own temp dir."""
+    """A head and worker nodes as separate `ray start --block` processes on NODE_IP, in their own temp dir.
 
-    def __init__(self, workers: int = 2):
+    With `jobs=True` the head also runs the dashboard, whose HTTP server is the Ray Jobs API, on NODE_IP:
+    `jobs_url` (http://NODE_IP:port) is the address to submit jobs to."""
+
+    def __init__(self, workers: int = 2, jobs: bool = False):
         # a short path: Ray's unix sockets live under it (108-byte limit)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         self.port = free_port(NODE_IP)
         self.address = f"{NODE_IP}:{self.port}"
+        self.jobs_port = free_port(NODE_IP) if jobs else None
+        self.jobs_url = f"http://{NODE_IP}:{self.jobs_port}" if jobs else None
         self.env = project_env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
                                GLOO_SOCKET_IFNAME="lo", RAY_USAGE_STATS_ENABLED="0", ACCELERATE_USE_CPU="true",
                                TQDM_MININTERVAL="30")
@@ -43,11 +48,32 @@ class LocalRayCluster:
             for _ in range(workers):
                 self._start(head=False)
             self._wait_for_nodes(1 + workers)
+            if jobs:
+                self._wait_for_jobs_api()
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, head: bool) -> None:
+    def _start(self, head: bool, attempts: int = 3) -> None:
+        """Start one node; again (new ports) when `ray start` gave up: it waits only 30 s for its raylet to register
+        (hard-coded in ray._private.node), which a loaded 2-core machine can exceed."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(head)
+            except RuntimeError:
+                failed, log = self.nodes.pop(), self.logs.pop()
+                if failed.poll() is None or attempt == attempts - 1:
+                    raise
+                try:  # what it started before giving up (the node's processes share its process group)
+                    os.killpg(failed.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                log.rename(log.with_suffix(f".failed-{attempt}"))
+                if head:
+                    self.port = free_port(NODE_IP)
+                    self.address = f"{NODE_IP}:{self.port}"
+
+    def _start_once(self, head: bool) -> None:
         ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
                  "--runtime-env-agent-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
                  "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
@@ -57,7 +83,11 @@ class LocalRayCluster:
                "--num-gpus=0", f"--min-worker-port={base}", f"--max-worker-port={base + 199}",
                *[f"{k}={v}" for k, v in ports.items()]]
         if head:
-            cmd += [f"--port={self.port}", "--head", f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
+            cmd += [f"--port={self.port}", "--head", f"--temp-dir={self.temp_dir}"]
+            if self.jobs_port:
+                cmd += ["--include-dashboard=true", f"--dashboard-host={NODE_IP}", f"--dashboard-port={self.jobs_port}"]
+            else:
+                cmd += ["--include-dashboard=false"]
         else:
             cmd += [f"--address={self.address}"]
         log = self.temp_dir / f"node-{len(self.nodes)}.log"
@@ -83,6 +113,23 @@ class LocalRayCluster:
                 return
             time.sleep(2)
         raise RuntimeError(f"{count} Ray nodes did not come up: {result.stdout[-2000:]} {result.stderr[-2000:]}")
+
+    def _wait_for_jobs_api(self, timeout: float = 120) -> None:
+        """Until the head's Jobs API answers (the dashboard starts after the node reports it started)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.jobs_url}/api/version", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.nodes[0].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray Jobs API at {self.jobs_url} did not answer: "
+                                   f"{self.logs[0].read_text()[-4000:]}")
+            time.sleep(0.5)
 
     def processes(self) -> list[psutil.Process]:
         """Every process of this cluster: the `ray start` processes and all their descendants."""

@@ -67,6 +67,7 @@ EXAMPLES: dict[str, typing.Any] = {
     "runtime.ray_address": "127.0.0.2:6379",
     "runtime.ray_master_addr": "127.0.0.2",
     "runtime.storage": "s3://bucket/runs",
+    "runtime.ray_project_dir": "/mnt/shared/project",
     "validate.eval_sigmas": [0.25, 0.75],
     "publish.s3_uri": "s3://bucket/loras",
     "publish.s3_endpoint_url": "http://127.0.0.1:9000",

@@ -493,7 +493,12 @@ class RuntimeParams(Section):
     # flux2lora[ray]).
     engine: Literal["local", "accelerate", "ray"] = "local"
     # engine ray: the cluster, e.g. "127.0.0.1:6379" or "ray://head:10001"; null: RAY_ADDRESS, else a local cluster.
+    # A Ray Jobs API URL ("http://head:8265", the dashboard's address) submits the train stage as a Ray job that runs
+    # `flux2lora stage train` in the project folder on the cluster, its output streamed here (flux2lora.ray_jobs).
     ray_address: str | None = None
+    # engine ray with a Jobs API address: the project folder's path on the cluster's nodes (a shared volume mounted
+    # elsewhere there); null: the same path as here.
+    ray_project_dir: str | None = None
     # engine ray: torch.distributed's rendezvous address; null: Ray's choice (the rank-0 worker's node IP, found by
     # a route lookup that picks the default interface); a loopback address keeps a one-machine cluster on lo.
     ray_master_addr: str | None = None

@@ -224,6 +224,7 @@ TABLE: dict[str, Computes | str] = {
     "runtime.system_metrics": RUNS,
     "runtime.engine": RUNS,
     "runtime.ray_address": RUNS,
+    "runtime.ray_project_dir": RUNS,
     "runtime.ray_master_addr": RUNS,
     "runtime.ray_max_failures": RUNS,
     "runtime.storage": RUNS,  # where a Ray job's caches and checkpoints live: the same bytes, wherever they are

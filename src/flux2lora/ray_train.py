@@ -147,7 +147,12 @@ def train_on_ray(root: Path, params: Params, logger, params_file: str = "params.
     """Train as a Ray Train job on the cluster at runtime.ray_address; returns the stage's summary (metrics).
 
     The driver (this process) heals the caches once, connects, runs the job and reads the metrics rank 0 wrote.
-    The workers get `params` itself (not `params_file`): with runtime.storage they need no project folder for it."""
+    The workers get `params` itself (not `params_file`): with runtime.storage they need no project folder for it.
+    With a Jobs API address (http://head:8265) the stage is submitted as a Ray job instead (flux2lora.ray_jobs)."""
+    from .ray_jobs import submit_train_job, submits_job
+
+    if submits_job(params):
+        return submit_train_job(root, params, logger, params_file)
     ray = require_ray()
     from .models import model_errors
     from .stages import heal_caches
@@ -191,13 +196,19 @@ def _run_trainer(ray, root: Path, params: Params, storage, logger) -> None:
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from .ray_jobs import inside_submitted_job
+
     runtime = params.runtime
     started_here = not ray.is_initialized()
     if started_here:
         # the workers see the driver's FLUX2LORA_* settings (progress interval, fault injection); their output is
         # streamed to this driver's console
         env = {k: v for k, v in os.environ.items() if k.startswith("FLUX2LORA_")}
-        ray.init(address=runtime.ray_address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        # inside a submitted job: the job's own cluster (Ray sets RAY_ADDRESS for the job's driver)
+        address = None if inside_submitted_job() else runtime.ray_address
+        # (a submitted job's runtime env already carries them to all its workers, and Ray refuses to merge the two)
+        ray.init(address=address, log_to_driver=True,
+                 runtime_env={"env_vars": env} if env and not inside_submitted_job() else None)
     try:
         logger.info("ray: training on %d workers of %s", runtime.num_processes,
                     runtime.ray_address or os.environ.get("RAY_ADDRESS") or "a local cluster")
