@@ -96,3 +96,18 @@ def reproduced_demo(tmp_path_factory) -> Path:
 def repro_project(reproduced_demo, tmp_path_factory) -> Path:
     """A module's own copy of the demo project after its first `dvc repro` (see reproduced_demo)."""
     return copy_built(reproduced_demo, tmp_path_factory, "repro")
+
+
+# The files that take longest (measured in CI's --durations list), scheduled first: with --no-loadscope-reorder
+# (`make test`) pytest-xdist's --dist loadfile hands whole files to workers in collection order, so a long file
+# collected last would run alone at the end while the other worker idles. Longest first keeps both workers busy to
+# the end. The other files keep their order.
+LONGEST_FIRST = ("test_ray_engine.py", "test_ray_jobs.py", "test_hostile_inputs.py", "test_lycoris.py",
+                 "test_distributed.py", "test_lycoris_ddp.py", "test_dvc.py", "test_ray_storage.py",
+                 "test_prefect_deployment.py", "test_dvc_remote.py", "test_params_table.py", "test_relocation.py",
+                 "test_services.py", "test_lycoris_resume.py", "test_cli.py", "test_e2e_servers.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order unchanged
