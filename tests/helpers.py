@@ -74,6 +74,18 @@ def make_project(root: Path, flavour: str = "klein-4b", images: int = 8, git: bo
     return root
 
 
+def encoded_ddp_project(root: Path, images: int, **params) -> Path:
+    """A project (no git) with the repository's infra/ (the DDP accelerate config ships there) on which prepare and
+    both encoders ran in this process: ready for `launch_train` with runtime.num_processes > 1."""
+    from flux2lora.stages import run_stage
+
+    make_project(root, git=False, images=images, **params)
+    shutil.copytree(REPO / "infra", root / "infra")
+    for stage in ("prepare", "encode-text", "encode-latents"):
+        run_stage(stage, root / "params.yaml")
+    return root
+
+
 def copy_project(encoded: Path, folder: Path, **params) -> Path:
     """A copy of an encoded project (caches included, MLflow store left out) under `folder`, with params set."""
     root = folder / "project"

@@ -201,3 +201,23 @@ class ConnectionWatch:
         return {ip for ip in self.remote | self.local if not loopback(ip)}
 
 
+
+
+def worker_killer(marker: Path, timeout: float = 300) -> tuple[threading.Thread, list[int]]:
+    """A thread (not started) that SIGKILLs the Ray worker holding at a fault point (FLUX2LORA_FAULT=...:hold) as
+    soon as the fault's marker file names its pid, and the list it appends that pid to."""
+    import re
+
+    killed: list[int] = []
+
+    def kill_the_holding_worker():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"pid (\d+)", marker.read_text()) if marker.exists() else None
+            if found:
+                os.kill(int(found.group(1)), signal.SIGKILL)
+                killed.append(int(found.group(1)))
+                return
+            time.sleep(0.2)
+
+    return threading.Thread(target=kill_the_holding_worker, daemon=True), killed

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, make_project
+from helpers import REPO, encoded_ddp_project, make_project
 from safetensors.torch import load_file
 
 from flux2lora.config import load_params
@@ -36,13 +36,10 @@ def test_ddp_on_two_cpu_processes_trains_and_saves_one_lora_equal_to_one_process
     from mlflow import MlflowClient
     from tasks.launch import launch_train
 
-    project = make_project(tmp_path / "project", git=False, images=8,
-                           **{"train.max_train_steps": 3, "train.checkpointing_steps": 2,
-                              "train.mixed_precision": "no", "train.train_batch_size": 1,
-                              "runtime.num_processes": 2})
-    shutil.copytree(REPO / "infra", project / "infra")  # the DDP config ships there
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, project / "params.yaml")
+    project = encoded_ddp_project(tmp_path / "project", images=8,
+                                  **{"train.max_train_steps": 3, "train.checkpointing_steps": 2,
+                                     "train.mixed_precision": "no", "train.train_batch_size": 1,
+                                     "runtime.num_processes": 2})
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     summary = launch_train(project, load_params(project / "params.yaml"), logging.getLogger("test.ddp"))
     assert summary["steps"] == 3 and summary["processes"] == 2
@@ -83,12 +80,10 @@ def test_ddp_run_killed_by_a_fault_resumes_from_its_checkpoint_and_ends_with_the
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     logger = logging.getLogger("test.ddp")
-    template = make_project(tmp_path / "template", git=False, images=8,
-                            **{"train.max_train_steps": 4, "train.checkpointing_steps": 2, "train.lora_dropout": 0.1,
-                               "train.mixed_precision": "no", "runtime.num_processes": 2})
-    shutil.copytree(REPO / "infra", template / "infra")
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, template / "params.yaml")
+    template = encoded_ddp_project(tmp_path / "template", images=8,
+                                   **{"train.max_train_steps": 4, "train.checkpointing_steps": 2,
+                                      "train.lora_dropout": 0.1, "train.mixed_precision": "no",
+                                      "runtime.num_processes": 2})
     straight, faulted = tmp_path / "straight", tmp_path / "faulted"
     shutil.copytree(template, straight, symlinks=True)
     shutil.copytree(template, faulted, symlinks=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_project
+from helpers import encoded_ddp_project
 from safetensors.torch import load_file
 
 from flux2lora.config import load_params
@@ -25,18 +25,14 @@ def test_two_ddp_processes_train_and_resume_after_a_fault_bitwise(tmp_path, monk
     import logging
     import shutil
 
-    from helpers import REPO
     from tasks.launch import LaunchFailed, launch_train
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     logger = logging.getLogger("test.ddp")
-    template = make_project(tmp_path / "template", git=False, images=4,
-                            **{**BASE, "train.max_train_steps": 4, "train.checkpointing_steps": 2,
-                               "train.train_batch_size": 1, "train.mixed_precision": "no",
-                               "runtime.num_processes": 2, **extra})
-    shutil.copytree(REPO / "infra", template / "infra")
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, template / "params.yaml")
+    template = encoded_ddp_project(tmp_path / "template", images=4,
+                                   **{**BASE, "train.max_train_steps": 4, "train.checkpointing_steps": 2,
+                                      "train.train_batch_size": 1, "train.mixed_precision": "no",
+                                      "runtime.num_processes": 2, **extra})
     straight, faulted = tmp_path / "straight", tmp_path / "faulted"
     shutil.copytree(template, straight, symlinks=True)
     shutil.copytree(template, faulted, symlinks=True)
@@ -59,19 +55,15 @@ def test_loha_on_two_ddp_processes_equals_one_process_accumulating_their_micro_b
     two processes of one micro-batch each train what one process accumulating both trains. Tolerance as
     tests/test_distributed.py's: only the order of the gradient sum differs (all-reduce vs accumulation)."""
     import logging
-    import shutil
 
-    from helpers import REPO, set_params
+    from helpers import set_params
     from tasks.launch import launch_train
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    project = make_project(tmp_path / "project", git=False, images=4,
-                           **{**BASE, "train.lora_type": "loha", "train.max_train_steps": 2,
-                              "train.checkpointing_steps": 100, "train.train_batch_size": 1,
-                              "train.mixed_precision": "no", "runtime.num_processes": 2})
-    shutil.copytree(REPO / "infra", project / "infra")
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, project / "params.yaml")
+    project = encoded_ddp_project(tmp_path / "project", images=4,
+                                  **{**BASE, "train.lora_type": "loha", "train.max_train_steps": 2,
+                                     "train.checkpointing_steps": 100, "train.train_batch_size": 1,
+                                     "train.mixed_precision": "no", "runtime.num_processes": 2})
     summary = launch_train(project, load_params(project / "params.yaml"), logging.getLogger("test.ddp"))
     assert summary["processes"] == 2 and summary["steps"] == 2
     lora_file = project / "outputs/lora/pytorch_lora_weights.safetensors"

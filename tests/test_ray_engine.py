@@ -10,19 +10,15 @@ and the processes' connections are sampled with psutil while training runs.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from helpers import REPO, make_project, set_params
-from ray_cluster import NODE_IP, ConnectionWatch, LocalRayCluster
+from ray_cluster import NODE_IP, ConnectionWatch, LocalRayCluster, worker_killer
 from safetensors.torch import load_file
 
 from flux2lora.config import load_params
@@ -143,8 +139,6 @@ def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_
     test SIGKILLs that pid (as a lost machine would end it); Ray's FailureConfig starts the workers again, the recipe
     resumes from step 1 (optimizer state, generators) and ends bitwise equal to the uninterrupted Ray run (that the
     per-process dropout RNG resumes too is test_distributed's fault test)."""
-    import re
-
     from flux2lora import faults
 
     straight = ray_run[0]
@@ -152,19 +146,7 @@ def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_
 
     monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=1:hold")
     marker = faults.marker_path(faulted / "outputs", "train", "step=1")
-    killed: list[int] = []
-
-    def kill_the_holding_worker():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            found = re.search(r"pid (\d+)", marker.read_text()) if marker.exists() else None
-            if found:
-                os.kill(int(found.group(1)), signal.SIGKILL)
-                killed.append(int(found.group(1)))
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_the_holding_worker, daemon=True)
+    killer, killed = worker_killer(marker)
     killer.start()
     summary = _train_on_ray(faulted)
     killer.join(timeout=1)

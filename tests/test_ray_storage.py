@@ -13,11 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import re
 import shutil
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -185,6 +181,8 @@ def on_s3(encoded, cluster, tmp_path_factory):
       only have step 2's checkpoint from the bucket.
 
     Returns (project, summary, {moved, killed})."""
+    from ray_cluster import worker_killer
+
     from flux2lora import faults
 
     dest = tmp_path_factory.mktemp("ray-s3") / "project"
@@ -200,19 +198,7 @@ def on_s3(encoded, cluster, tmp_path_factory):
         return counts
 
     marker = faults.marker_path(dest / "outputs", "train", "step=2")
-    killed: list[int] = []
-
-    def kill_the_holding_worker():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            found = re.search(r"pid (\d+)", marker.read_text()) if marker.exists() else None
-            if found:
-                os.kill(int(found.group(1)), signal.SIGKILL)
-                killed.append(int(found.group(1)))
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_the_holding_worker, daemon=True)
+    killer, killed = worker_killer(marker)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SharedStorage, "upload_inputs", upload_then_move_the_caches_away)
         mp.setenv("FLUX2LORA_FAULT", "train:step=2:hold")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -69,3 +70,12 @@ def write_safetensors_atomic(path: Path, tensors: dict, metadata: dict[str, str]
 
     data = canonical_safetensors(save(tensors, metadata=metadata))
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def sha256_of(path: Path, chunk: int = 8 << 20) -> str:
+    """The sha256 (hex) of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -22,7 +22,6 @@ region travel from the driver to the workers.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .io import sha256_of
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ RAY_RUNS = "ray_runs"
 # a checkpoint's files; state.json goes last, so a folder without it is incomplete (checkpoint.list_checkpoints)
 CHECKPOINT_FILES = ("lora.safetensors", "training_state.pt", "state.json")
 _CHUNK = 8 << 20
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files_under(folder: Path) -> list[Path]:

@@ -22,11 +22,11 @@ from ..config import Params
 from ..data.config import relative_to_root
 from ..errors import PublishFailed
 from ..export import export_bfl
-from ..io import write_json_atomic, write_text_atomic
+from ..io import sha256_of, write_json_atomic, write_text_atomic
 from ..layout import layout_for
 from ..train.lora import read_lora_metadata
 from .model_card import model_card
-from .s3 import MIB, PublishVerificationError, TransferSettings, sha256_of, upload_folder
+from .s3 import MIB, PublishVerificationError, TransferSettings, upload_folder
 
 log = logging.getLogger(__name__)
 

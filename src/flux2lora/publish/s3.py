@@ -80,14 +80,6 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MIB), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def describe_file(path: Path, name: str, settings: TransferSettings) -> LocalFile:
     """Hash a file once: its sha256, and the checksum and ETag S3 will report for its upload with `settings`."""
     size = path.stat().st_size
