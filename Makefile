@@ -25,8 +25,9 @@ data/demo/shape_000.png: | $(BIN)/.installed
 
 # Builds the tiny klein-4b and a generated dataset, then runs all six stages through the Prefect flow
 # (a temporary local Prefect server is started for it). A second `make demo` redoes nothing: dvc.lock is the truth.
+# The temporary server gets 120 s to start (Prefect's default, 20 s, ran out on a 2-core machine under load).
 demo: install models/tiny-klein-4b/model_index.json data/demo/shape_000.png
-	$(OFFLINE) $(BIN)/python -m flows.train
+	$(OFFLINE) PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 $(BIN)/python -m flows.train
 	@echo
 	@echo "LoRA:       $(CURDIR)/outputs/lora/pytorch_lora_weights.safetensors"
 	@echo "Published:  $(CURDIR)/outputs/publish/ (model card, samples)"
