@@ -33,10 +33,12 @@ demo: install models/tiny-klein-4b/model_index.json data/demo/shape_000.png
 	@echo "Published:  $(CURDIR)/outputs/publish/ (model card, samples)"
 	@echo "MLflow UI:  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --workers 1   then open http://127.0.0.1:5000"
 
-# One pytest worker per core (at most 4: each end-to-end test starts servers and subprocesses of its own); a test
-# file stays on one worker, so its module fixtures (a trained project, a Prefect server) are built once. Files are
-# handed out in collection order, longest first (tests/conftest.py LONGEST_FIRST), not xdist's default by test
-# count, which ran the few-test, minutes-long files (Ray, DDP) last, one worker idling beside them.
+# One pytest worker more than there are cores (tests/conftest.py: the end-to-end tests wait a lot), at most 4 (each
+# starts servers and subprocesses of its own); a test file stays on one worker, so its module fixtures (a trained
+# project, a Prefect server) are built once, and the three Ray files go to one worker together, which starts one
+# Ray cluster for them (conftest SHARED_BY). Files are handed out in collection order, longest first (conftest
+# LONGEST_FIRST), not xdist's default by test count, which ran the few-test, minutes-long files (Ray, DDP) last,
+# one worker idling beside them.
 test: install
 	$(OFFLINE) $(BIN)/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile \
 		--no-loadscope-reorder --durations=40

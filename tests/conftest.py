@@ -108,6 +108,107 @@ LONGEST_FIRST = ("test_ray_engine.py", "test_ray_jobs.py", "test_hostile_inputs.
                  "test_services.py", "test_lycoris_resume.py", "test_cli.py", "test_e2e_servers.py")
 
 
+# Files whose tests share one session-wide resource, handed to one xdist worker as one unit (--dist loadfile
+# otherwise splits by file): the three Ray files share one local Ray cluster (its start and its daemons cost minutes
+# of CPU on two cores, once instead of three times), which stops as soon as the last of them has run.
+SHARED_BY = {"test_ray_engine.py": "ray-cluster", "test_ray_jobs.py": "ray-cluster", "test_ray_storage.py": "ray-cluster"}
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (make test): one worker more than there are cores. The end-to-end tests spend much of their time
+    waiting (a server starting, a subprocess of one thread, a Ray job polled): with a worker per core, a quarter of
+    two cores' time went unused in a full run. PYTEST_XDIST_AUTO_NUM_WORKERS still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores + 1
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndSharedGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_BY.get(Path(path).name, path)
+
+    return FilesAndSharedGroups(config, log)
+
+
+_ray: dict = {}  # the session's Ray cluster and the S3 server its nodes know, once started
+
+
+@pytest.fixture(scope="session")
+def ray_s3():
+    """moto's S3 on loopback with the Ray tests' bucket (ray_cluster.S3_BUCKET), for the whole Ray group: its
+    endpoint and credentials are the Ray nodes' own environment (ray_cluster.s3_env), as a real node's would be."""
+    from servers import moto_server
+
+    from ray_cluster import S3_BUCKET
+
+    with moto_server((S3_BUCKET,)) as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_s3):
+    """The Ray tests' cluster: a head with its dashboard (the Jobs API) and two worker nodes, each its own `ray start`
+    process on 127.0.0.2 with one CPU, the S3 environment set on every node. Stopped after the group's last test."""
+    pytest.importorskip("ray", reason="the ray extra (pip install 'flux2lora[ray]') is not installed")
+    from ray_cluster import LocalRayCluster, s3_env
+
+    _ray["cluster"] = cluster = LocalRayCluster(workers=2, jobs=True, env=s3_env(ray_s3))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_encoded(tmp_path_factory) -> Path:
+    """The Ray tests' project, its caches encoded (in this process): 8 images, 2 workers of one micro-batch each,
+    2 steps with a checkpoint after each (the fewest that show equality and a resume from a checkpoint), the
+    repository's infra/ (the accelerate config) beside it. Copy it, do not change it."""
+    from helpers import encoded_ddp_project
+
+    return encoded_ddp_project(tmp_path_factory.mktemp("ray") / "template", images=8,
+                               **{"train.max_train_steps": 2, "train.checkpointing_steps": 1,
+                                  "train.mixed_precision": "no", "train.train_batch_size": 1,
+                                  "runtime.num_processes": 2})
+
+
+@pytest.fixture(scope="session")
+def ray_run(ray_encoded, ray_cluster, tmp_path_factory):
+    """One uninterrupted Ray run of 2 workers on ray_encoded, storage null, its connections watched: (project,
+    summary, watch). The reference the Ray fault tests' LoRAs must equal."""
+    from ray_cluster import ConnectionWatch, copy_encoded, launch, ray_params
+
+    on_ray = copy_encoded(ray_encoded, tmp_path_factory.mktemp("ray-run") / "ray", **ray_params(ray_cluster))
+    with ConnectionWatch(ray_cluster.processes) as watch:
+        summary = launch(on_ray)
+    return on_ray, summary, watch
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    # xdist runs an item once the next one is known, so `nextitem` is None only at the worker's very end
+    if "cluster" in _ray and SHARED_BY.get(item.path.name) == "ray-cluster" and \
+            (nextitem is None or SHARED_BY.get(nextitem.path.name) != "ray-cluster"):
+        _ray.pop("cluster").stop()  # the group is done: its daemons would take CPU from every later test
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order unchanged
+    # a shared group's files side by side, where its first file ranks (without xdist too: its resource stops after
+    # the group's last test)
+    group_rank = {}
+    for name, group in SHARED_BY.items():
+        group_rank[group] = min(group_rank.get(group, len(rank)), rank.get(name, len(rank)))
+
+    def order(item):
+        name = item.path.name
+        own = rank.get(name, len(rank))
+        return (group_rank[SHARED_BY[name]], own, name) if name in SHARED_BY else (own, -1, "")
+
+    items.sort(key=order)  # stable: in-file order unchanged

@@ -30,7 +30,7 @@ class LocalRayCluster:
     With `jobs=True` the head also runs the dashboard, whose HTTP server is the Ray Jobs API, on NODE_IP:
     `jobs_url` (http://NODE_IP:port) is the address to submit jobs to."""
 
-    def __init__(self, workers: int = 2, jobs: bool = False):
+    def __init__(self, workers: int = 2, jobs: bool = False, env: dict | None = None):
         # a short path: Ray's unix sockets live under it (108-byte limit)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         self.port = free_port(NODE_IP)
@@ -39,8 +39,11 @@ class LocalRayCluster:
         self.jobs_url = f"http://{NODE_IP}:{self.jobs_port}" if jobs else None
         self.env = project_env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
                                GLOO_SOCKET_IFNAME="lo", RAY_USAGE_STATS_ENABLED="0", ACCELERATE_USE_CPU="true",
-                               TQDM_MININTERVAL="30")
+                               TQDM_MININTERVAL="30", **(env or {}))
         self.env.pop("RAY_ADDRESS", None)
+        if env and "AWS_ENDPOINT_URL" in env:
+            for key in S3_ENV_UNSET:
+                self.env.pop(key, None)
         self.nodes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         try:
@@ -161,6 +164,22 @@ class LocalRayCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
+S3_BUCKET = "runs"
+S3_SECRET = "flux2lora-test-secret-key"  # moto accepts any: a distinctive one, to look for where it must not be
+
+
+def s3_env(endpoint: str) -> dict:
+    """The AWS environment of a Ray node (and of the driver, in test_ray_storage) for moto's S3 at `endpoint`: test
+    credentials with S3_SECRET, no ~/.aws files, no profile, session token or other endpoint."""
+    from servers import S3_TEST_ENV
+
+    return {**S3_TEST_ENV, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": endpoint,
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}
+
+
+S3_ENV_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+
+
 class ConnectionWatch:
     """Samples the inet connections of the given processes every 0.2 s in a thread; `remote` collects every remote
     address seen."""
@@ -221,3 +240,29 @@ def worker_killer(marker: Path, timeout: float = 300) -> tuple[threading.Thread,
             time.sleep(0.2)
 
     return threading.Thread(target=kill_the_holding_worker, daemon=True), killed
+
+
+def ray_params(cluster: LocalRayCluster, **extra) -> dict:
+    """params.yaml values that run the train stage on `cluster` through its GCS address (Ray Train from this
+    process), torch.distributed's rendezvous on NODE_IP."""
+    return {"runtime.engine": "ray", "runtime.ray_address": cluster.address, "runtime.ray_master_addr": NODE_IP,
+            **extra}
+
+
+def copy_encoded(encoded: Path, dest: Path, **params) -> Path:
+    """A copy of an encoded project at `dest` with params set."""
+    from helpers import set_params
+
+    shutil.copytree(encoded, dest, symlinks=True)
+    set_params(dest, **params)
+    return dest
+
+
+def launch(root: Path) -> dict:
+    """The train stage of the project at `root` as its runtime section says (Ray, accelerate or this process)."""
+    import logging
+
+    from flux2lora.config import load_params
+    from flux2lora.launch import launch_train
+
+    return launch_train(root, load_params(root / "params.yaml"), logging.getLogger("test.ray"))

@@ -1,5 +1,6 @@
 """runtime.engine: ray on a real Ray cluster on this machine: a head and two worker nodes, each its own `ray start`
-process on a loopback address with one CPU, in one module-scoped fixture (Ray clusters are heavy: one per module).
+process on a loopback address with one CPU (conftest's session-wide `ray_cluster`, shared with the other Ray
+files: Ray clusters are heavy, one per session).
 
 The workers run the train stage's recipe under accelerate, with torch.distributed on gloo (CPU). Every socket of
 the cluster, its workers and this driver must stay on loopback: the nodes are started with --node-ip-address,
@@ -9,64 +10,20 @@ and the processes' connections are sampled with psutil while training runs.
 
 from __future__ import annotations
 
-import logging
-import shutil
 import sys
-from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from helpers import REPO, make_project, set_params
-from ray_cluster import NODE_IP, ConnectionWatch, LocalRayCluster, worker_killer
+from ray_cluster import copy_encoded, launch, ray_params, worker_killer
 from safetensors.torch import load_file
 
-from flux2lora.config import load_params
 from flux2lora.stages import run_stage
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'flux2lora[ray]') is not installed")
 
 LORA = "outputs/lora/pytorch_lora_weights.safetensors"
-logger = logging.getLogger("test.ray")
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalRayCluster(workers=2)
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory) -> Path:
-    """A project with its caches encoded, for 2 workers of one micro-batch each: 2 steps, a checkpoint after each
-    (the fewest that show equality and a resume from a checkpoint)."""
-    root = make_project(tmp_path_factory.mktemp("ray") / "template", git=False, images=8,
-                        **{"train.max_train_steps": 2, "train.checkpointing_steps": 1,
-                           "train.mixed_precision": "no", "train.train_batch_size": 1,
-                           "runtime.num_processes": 2})
-    shutil.copytree(REPO / "infra", root / "infra")
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, root / "params.yaml")
-    return root
-
-
-def _copy(encoded: Path, dest: Path, **params) -> Path:
-    shutil.copytree(encoded, dest, symlinks=True)
-    set_params(dest, **params)
-    return dest
-
-
-def _ray_params(cluster, **extra) -> dict:
-    return {"runtime.engine": "ray", "runtime.ray_address": cluster.address, "runtime.ray_master_addr": NODE_IP,
-            **extra}
-
-
-def _train_on_ray(root: Path):
-    from flux2lora.launch import launch_train
-
-    return launch_train(root, load_params(root / "params.yaml"), logger)
 
 
 def test_without_ray_engine_ray_is_an_error_naming_the_extra(monkeypatch, tmp_path):
@@ -92,17 +49,8 @@ def test_engine_decides_who_starts_the_train_stage():
         params(engine="slurm")
 
 
-@pytest.fixture(scope="module")
-def ray_run(encoded, cluster, tmp_path_factory):
-    """One uninterrupted Ray run of 2 workers, its connections watched: (project, summary, watch)."""
-    on_ray = _copy(encoded, tmp_path_factory.mktemp("ray-run") / "ray", **_ray_params(cluster))
-    with ConnectionWatch(cluster.processes) as watch:
-        summary = _train_on_ray(on_ray)
-    return on_ray, summary, watch
-
-
 def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_of_one_accumulating(
-        encoded, ray_run, tmp_path, monkeypatch):
+        ray_encoded, ray_run, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     on_ray, summary, watch = ray_run
@@ -111,9 +59,9 @@ def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_
     assert not watch.not_loopback(), f"connections left loopback: {watch.not_loopback()}"
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    accelerate = _copy(encoded, tmp_path / "accelerate")  # engine local, num_processes 2: accelerate launch
-    assert _train_on_ray(accelerate)["processes"] == 2
-    single = _copy(encoded, tmp_path / "single", **{"runtime.num_processes": 1,
+    accelerate = copy_encoded(ray_encoded, tmp_path / "accelerate")  # engine local, 2 processes: accelerate launch
+    assert launch(accelerate)["processes"] == 2
+    single = copy_encoded(ray_encoded, tmp_path / "single", **{"runtime.num_processes": 1,
                                                      "train.gradient_accumulation_steps": 2})
     run_stage("train", single / "params.yaml")
     ray_lora = load_file(on_ray / LORA)
@@ -134,7 +82,7 @@ def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_
 
 
 def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_the_lora_of_an_uninterrupted_run(
-        encoded, cluster, ray_run, tmp_path, monkeypatch):
+        ray_encoded, ray_cluster, ray_run, tmp_path, monkeypatch):
     """FLUX2LORA_FAULT=train:step=1:hold stops the first worker past step 1's checkpoint and writes its pid; the
     test SIGKILLs that pid (as a lost machine would end it); Ray's FailureConfig starts the workers again, the recipe
     resumes from step 1 (optimizer state, generators) and ends bitwise equal to the uninterrupted Ray run (that the
@@ -142,13 +90,14 @@ def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_
     from flux2lora import faults
 
     straight = ray_run[0]
-    faulted = _copy(encoded, tmp_path / "faulted", **_ray_params(cluster, **{"runtime.ray_max_failures": 1}))
+    faulted = copy_encoded(ray_encoded, tmp_path / "faulted",
+                           **ray_params(ray_cluster, **{"runtime.ray_max_failures": 1}))
 
     monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=1:hold")
     marker = faults.marker_path(faulted / "outputs", "train", "step=1")
     killer, killed = worker_killer(marker)
     killer.start()
-    summary = _train_on_ray(faulted)
+    summary = launch(faulted)
     killer.join(timeout=1)
     assert killed, "no worker reached the fault"
     assert not psutil.pid_exists(killed[0])

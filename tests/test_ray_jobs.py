@@ -1,6 +1,6 @@
 """The train stage submitted as a Ray job (runtime.engine: ray, runtime.ray_address a Jobs API URL), on a real Ray
 cluster on this machine: a head with its dashboard (the Jobs API) and two worker nodes, each its own `ray start`
-process on a loopback address with one CPU, in one module-scoped fixture.
+process on a loopback address with one CPU (conftest's session-wide `ray_cluster`, shared with the other Ray files).
 
 The Prefect flow runs in this process against a real Prefect server; the train task submits the stage to the
 cluster, whose job runs `flux2lora stage train` (engine ray, 2 Ray Train workers) in the project folder.
@@ -16,11 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import make_project, run, set_params
-from ray_cluster import NODE_IP, ConnectionWatch, LocalRayCluster
+from ray_cluster import NODE_IP, ConnectionWatch, copy_encoded
 from servers import PrefectAPI, prefect_in_process
 
 from flux2lora.config import load_params
-from flux2lora.stages import STAGES, run_stage
+from flux2lora.stages import STAGES
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray", reason="the ray extra (pip install 'flux2lora[ray]') is not installed")
@@ -30,10 +30,8 @@ SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-secret-do-not-log-3141", "HF_TOKEN": "h
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    c = LocalRayCluster(workers=2, jobs=True)
-    yield c
-    c.stop()
+def cluster(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +146,14 @@ def test_a_failed_job_is_an_error_with_its_id_and_last_lines(cluster, jobs, tmp_
     assert failed.value.permanent
 
 
-def test_an_interrupt_while_waiting_stops_the_job_and_its_workers(cluster, jobs, tmp_path, monkeypatch):
+def test_an_interrupt_while_waiting_stops_the_job_and_its_workers(cluster, jobs, ray_encoded, tmp_path, monkeypatch):
     """Ctrl-C (or Prefect cancelling, or SIGTERM raised as an exception) while the job trains: the job is stopped and
     its Ray Train workers end. FLUX2LORA_FAULT=train:step=1:hold holds a worker after step 1 (its pid in the marker);
     the interrupt comes in the wait's next poll of the job's status."""
     from flux2lora import faults, ray_jobs
     from flux2lora.launch import launch_train
 
-    project = make_project(tmp_path / "project", git=False, **_ray_job_params(cluster))
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, project / "params.yaml")
+    project = copy_encoded(ray_encoded, tmp_path / "project", **_ray_job_params(cluster))
     monkeypatch.setenv(faults.ENV, "train:step=1:hold")
     monkeypatch.setenv("FLUX2LORA_FAULT_HOLD_SECONDS", "120")
     marker = faults.marker_path(project / "outputs", "train", "step=1")

@@ -3,44 +3,41 @@ loopback, real HTTP through pyarrow's S3 filesystem, the one Ray Train uses).
 
 The unit tests drive flux2lora.shared_storage directly (no Ray): inputs uploaded once and skipped when unchanged,
 downloaded and checked, checkpoints mirrored and pulled back as the files the recipe resumes from. The cluster
-tests run a head and one worker node (`ray start` processes on 127.0.0.2, one CPU each) with 2 workers: the workers
-train from S3 while the project's caches are moved away, checkpoints land in the bucket, the LoRA is the one of
-the same run with storage null (bitwise), and a worker killed after step 2 resumes from the bucket's checkpoint.
+tests run on conftest's session-wide `ray_cluster` (a head and two worker nodes, `ray start` processes on 127.0.0.2,
+one CPU each, whose environment holds the S3 credentials and endpoint) with 2 workers: the workers train from S3
+while the project's caches are moved away, checkpoints land in the bucket, the LoRA is the one of the same run with
+storage null (conftest's `ray_run`, bitwise), and a worker killed after step 1 resumes from the bucket's
+checkpoint.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import REPO, make_project, set_params
-from servers import S3_TEST_ENV, moto_server
+from helpers import REPO
+from ray_cluster import S3_BUCKET as BUCKET
+from ray_cluster import S3_ENV_UNSET, S3_SECRET as SECRET, s3_env as node_s3_env
 
 from flux2lora.shared_storage import INPUTS, MANIFEST, CheckpointMirror, SharedStorage
 
 LORA = "outputs/lora/pytorch_lora_weights.safetensors"
-BUCKET = "runs"
-SECRET = "flux2lora-test-secret-key"  # moto accepts any: a distinctive one, to look for where it must not be
-logger = logging.getLogger("test.ray_storage")
 
 
 @pytest.fixture(scope="module")
-def s3_env():
-    """moto's S3 on loopback with bucket BUCKET, and the AWS environment pointing at it (test credentials, no
-    ~/.aws), set before any cluster starts so that its nodes have it as a real node's own credentials."""
-    with moto_server((BUCKET,)) as endpoint, pytest.MonkeyPatch.context() as mp:
-        for key, value in {**S3_TEST_ENV, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": endpoint, "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-                           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}.items():
+def s3_env(ray_s3):
+    """conftest's moto S3 (bucket BUCKET) and, in this process too, the AWS environment the Ray nodes were started
+    with (test credentials with SECRET, no ~/.aws)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in node_s3_env(ray_s3).items():
             mp.setenv(key, value)
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+        for key in S3_ENV_UNSET:
             mp.delenv(key, raising=False)
-        yield endpoint
+        yield ray_s3
 
 
 def _storage(tmp_path: Path, where: str, prefix: str) -> SharedStorage:
@@ -127,58 +124,24 @@ def test_storage_values_that_cannot_work_are_refused_naming_the_key(tmp_path):
 
 # -- on a real cluster
 
-@pytest.fixture(scope="module")
-def cluster(s3_env):
-    pytest.importorskip("ray", reason="the ray extra (pip install 'flux2lora[ray]') is not installed")
-    from ray_cluster import LocalRayCluster
-
-    c = LocalRayCluster(workers=1)  # the head's CPU and the worker node's: 2 workers, one per node
-    yield c
-    c.stop()
-
-
-@pytest.fixture(scope="module")
-def encoded(tmp_path_factory) -> Path:
-    """A project with its caches encoded, for 2 workers of one micro-batch each, 4 steps, a checkpoint at step 2."""
-    from flux2lora.stages import run_stage
-
-    root = make_project(tmp_path_factory.mktemp("ray-storage") / "template", git=False, images=4,
-                        **{"train.max_train_steps": 4, "train.checkpointing_steps": 2,
-                           "train.mixed_precision": "no", "train.train_batch_size": 1,
-                           "runtime.num_processes": 2})
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, root / "params.yaml")
-    return root
-
 
 def _run(encoded: Path, dest: Path, cluster, **params) -> tuple[Path, dict]:
-    from ray_cluster import NODE_IP
+    from ray_cluster import copy_encoded, launch, ray_params
 
-    from flux2lora.config import load_params
-    from flux2lora.launch import launch_train
-
-    shutil.copytree(encoded, dest, symlinks=True)
-    set_params(dest, **{"runtime.engine": "ray", "runtime.ray_address": cluster.address,
-                        "runtime.ray_master_addr": NODE_IP, **params})
-    return dest, launch_train(dest, load_params(dest / "params.yaml"), logger)
+    copy_encoded(encoded, dest, **ray_params(cluster, **params))
+    return dest, launch(dest)
 
 
 @pytest.fixture(scope="module")
-def on_project(encoded, cluster, tmp_path_factory):
-    """The reference: the same Ray job, uninterrupted, with runtime.storage null (the project folder)."""
-    return _run(encoded, tmp_path_factory.mktemp("ray-project") / "project", cluster)
-
-
-@pytest.fixture(scope="module")
-def on_s3(encoded, cluster, tmp_path_factory):
+def on_s3(ray_encoded, ray_cluster, s3_env, tmp_path_factory):
     """The job with runtime.storage on S3, made to depend on it twice over:
 
     - right after the driver's upload the project's caches are moved away (restored after the job), so a worker
       that read them from the project would fail;
-    - FLUX2LORA_FAULT=train:step=2:hold stops the first worker to get past step 2's checkpoint (the checkpoint is
+    - FLUX2LORA_FAULT=train:step=1:hold stops the first worker to get past step 1's checkpoint (the checkpoint is
       in the bucket by then: the workers wait for its upload) and it is SIGKILLed by pid; Ray restarts the job
       (ray_max_failures 1) and every worker starts again from an empty node-local folder, so the resumed job can
-      only have step 2's checkpoint from the bucket.
+      only have step 1's checkpoint from the bucket.
 
     Returns (project, summary, {moved, killed})."""
     from ray_cluster import worker_killer
@@ -197,14 +160,14 @@ def on_s3(encoded, cluster, tmp_path_factory):
             moved.append((away, Path(output_dir) / name))
         return counts
 
-    marker = faults.marker_path(dest / "outputs", "train", "step=2")
+    marker = faults.marker_path(dest / "outputs", "train", "step=1")
     killer, killed = worker_killer(marker)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SharedStorage, "upload_inputs", upload_then_move_the_caches_away)
-        mp.setenv("FLUX2LORA_FAULT", "train:step=2:hold")
+        mp.setenv("FLUX2LORA_FAULT", "train:step=1:hold")
         killer.start()
         try:
-            root, summary = _run(encoded, dest, cluster, **{"runtime.storage": f"s3://{BUCKET}/job",
+            root, summary = _run(ray_encoded, dest, ray_cluster, **{"runtime.storage": f"s3://{BUCKET}/job",
                                                             "runtime.ray_max_failures": 1})
         finally:
             for away, back in moved:
@@ -220,23 +183,23 @@ def _params(root: Path):
 
 
 @pytest.mark.slow
-def test_workers_train_from_s3_and_the_lora_metrics_and_run_file_come_back_into_the_project(on_s3, on_project):
+def test_workers_train_from_s3_and_the_lora_metrics_and_run_file_come_back_into_the_project(on_s3, ray_run):
     """The caches were gone from the project while the job ran; checkpoints and Ray's run storage are in the
     bucket, none in the project; the LoRA file is byte-identical to the storage-null run's."""
     from flux2lora.layout import layout_for
 
     root, summary, events = on_s3
     assert sorted(events["moved"]) == sorted(INPUTS)
-    assert summary["steps"] == 4 and summary["processes"] == 2
+    assert summary["steps"] == 2 and summary["processes"] == 2
     storage = SharedStorage.from_params(_params(root), root)
     objects = storage.sizes("")
-    assert {f"checkpoints/step-000002/{f}" for f in ("lora.safetensors", "training_state.pt", "state.json")} | \
+    assert {f"checkpoints/step-000001/{f}" for f in ("lora.safetensors", "training_state.pt", "state.json")} | \
         {MANIFEST} <= set(objects)
     assert any(rel.startswith("ray_runs/") for rel in objects)  # Ray Train's own run storage
     assert not (root / "outputs/checkpoints").exists()  # nothing of the job's was written in the project
     layout = layout_for(root, "outputs")
     assert layout.run_file.exists() and layout.train_metrics.exists()
-    assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
+    assert (root / LORA).read_bytes() == (ray_run[0] / LORA).read_bytes()
     assert storage.upload_inputs(root / "outputs")["uploaded"] == 0  # a rerun uploads nothing
     assert str(root) not in storage.read_bytes(MANIFEST).decode()  # relative names only
     # the credentials are the nodes' own: in no object of the bucket (Ray's run state included), nor in MLflow
@@ -245,13 +208,13 @@ def test_workers_train_from_s3_and_the_lora_metrics_and_run_file_come_back_into_
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_training_resumes_from_the_checkpoint_in_s3(on_s3, on_project):
-    """The killed worker's job resumed from step 2 (which only the bucket held) and ended bitwise equal to the
+def test_a_worker_killed_mid_training_resumes_from_the_checkpoint_in_s3(on_s3, ray_run):
+    """The killed worker's job resumed from step 1 (which only the bucket held) and ended bitwise equal to the
     uninterrupted run."""
     import psutil
 
     root, summary, events = on_s3
     assert events["killed"], "no worker reached the fault"
     assert not psutil.pid_exists(events["killed"][0])
-    assert summary["resumed_from_step"] == 2 and summary["steps"] == 4
-    assert (root / LORA).read_bytes() == (on_project[0] / LORA).read_bytes()
+    assert summary["resumed_from_step"] == 1 and summary["steps"] == 2
+    assert (root / LORA).read_bytes() == (ray_run[0] / LORA).read_bytes()
