@@ -111,7 +111,7 @@ LONGEST_FIRST = ("test_ray_engine.py", "test_ray_jobs.py", "test_hostile_inputs.
 # Files whose tests share one session-wide resource, handed to one xdist worker as one unit (--dist loadfile
 # otherwise splits by file): the three Ray files share one local Ray cluster (its start and its daemons cost minutes
 # of CPU on two cores, once instead of three times), which stops as soon as the last of them has run.
-SHARED_BY = {"test_ray_engine.py": "ray-cluster", "test_ray_jobs.py": "ray-cluster", "test_ray_storage.py": "ray-cluster"}
+SHARED_BY = dict.fromkeys(("test_ray_engine.py", "test_ray_jobs.py", "test_ray_storage.py"), "ray-cluster")
 
 
 def pytest_xdist_auto_num_workers(config):
@@ -181,9 +181,10 @@ def ray_encoded(tmp_path_factory) -> Path:
 def ray_run(ray_encoded, ray_cluster, tmp_path_factory):
     """One uninterrupted Ray run of 2 workers on ray_encoded, storage null, its connections watched: (project,
     summary, watch). The reference the Ray fault tests' LoRAs must equal."""
-    from ray_cluster import ConnectionWatch, copy_encoded, launch, ray_params
+    from helpers import copy_project
+    from ray_cluster import ConnectionWatch, launch, ray_params
 
-    on_ray = copy_encoded(ray_encoded, tmp_path_factory.mktemp("ray-run") / "ray", **ray_params(ray_cluster))
+    on_ray = copy_project(ray_encoded, tmp_path_factory.mktemp("ray-run"), **ray_params(ray_cluster))
     with ConnectionWatch(ray_cluster.processes) as watch:
         summary = launch(on_ray)
     return on_ray, summary, watch

@@ -30,7 +30,7 @@ class LocalRayCluster:
     With `jobs=True` the head also runs the dashboard, whose HTTP server is the Ray Jobs API, on NODE_IP:
     `jobs_url` (http://NODE_IP:port) is the address to submit jobs to."""
 
-    def __init__(self, workers: int = 2, jobs: bool = False, env: dict | None = None):
+    def __init__(self, workers: int = 2, jobs: bool = False, env: dict[str, str | None] | None = None):
         # a short path: Ray's unix sockets live under it (108-byte limit)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
         self.port = free_port(NODE_IP)
@@ -39,11 +39,13 @@ class LocalRayCluster:
         self.jobs_url = f"http://{NODE_IP}:{self.jobs_port}" if jobs else None
         self.env = project_env(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
                                GLOO_SOCKET_IFNAME="lo", RAY_USAGE_STATS_ENABLED="0", ACCELERATE_USE_CPU="true",
-                               TQDM_MININTERVAL="30", **(env or {}))
+                               TQDM_MININTERVAL="30")
         self.env.pop("RAY_ADDRESS", None)
-        if env and "AWS_ENDPOINT_URL" in env:
-            for key in S3_ENV_UNSET:
+        for key, value in (env or {}).items():  # the nodes' own environment; None: not set on them
+            if value is None:
                 self.env.pop(key, None)
+            else:
+                self.env[key] = value
         self.nodes: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         try:
@@ -168,16 +170,15 @@ S3_BUCKET = "runs"
 S3_SECRET = "flux2lora-test-secret-key"  # moto accepts any: a distinctive one, to look for where it must not be
 
 
-def s3_env(endpoint: str) -> dict:
+def s3_env(endpoint: str) -> dict[str, str | None]:
     """The AWS environment of a Ray node (and of the driver, in test_ray_storage) for moto's S3 at `endpoint`: test
-    credentials with S3_SECRET, no ~/.aws files, no profile, session token or other endpoint."""
+    credentials with S3_SECRET, no ~/.aws files; None for what must not be set (a profile, a session token, another
+    endpoint or region)."""
     from servers import S3_TEST_ENV
 
     return {**S3_TEST_ENV, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_ENDPOINT_URL": endpoint,
-            "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}
-
-
-S3_ENV_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION")
+            "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+            **dict.fromkeys(("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"))}
 
 
 class ConnectionWatch:
@@ -247,15 +248,6 @@ def ray_params(cluster: LocalRayCluster, **extra) -> dict:
     process), torch.distributed's rendezvous on NODE_IP."""
     return {"runtime.engine": "ray", "runtime.ray_address": cluster.address, "runtime.ray_master_addr": NODE_IP,
             **extra}
-
-
-def copy_encoded(encoded: Path, dest: Path, **params) -> Path:
-    """A copy of an encoded project at `dest` with params set."""
-    from helpers import set_params
-
-    shutil.copytree(encoded, dest, symlinks=True)
-    set_params(dest, **params)
-    return dest
 
 
 def launch(root: Path) -> dict:

@@ -15,7 +15,8 @@ import sys
 import psutil
 import pytest
 import torch
-from ray_cluster import copy_encoded, launch, ray_params, worker_killer
+from helpers import copy_project
+from ray_cluster import launch, ray_params, worker_killer
 from safetensors.torch import load_file
 
 from flux2lora.stages import run_stage
@@ -59,9 +60,9 @@ def test_ray_job_on_three_nodes_trains_the_lora_of_two_accelerate_processes_and_
     assert not watch.not_loopback(), f"connections left loopback: {watch.not_loopback()}"
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    accelerate = copy_encoded(ray_encoded, tmp_path / "accelerate")  # engine local, 2 processes: accelerate launch
+    accelerate = copy_project(ray_encoded, tmp_path / "accelerate")  # engine local, 2 processes: accelerate launch
     assert launch(accelerate)["processes"] == 2
-    single = copy_encoded(ray_encoded, tmp_path / "single", **{"runtime.num_processes": 1,
+    single = copy_project(ray_encoded, tmp_path / "single", **{"runtime.num_processes": 1,
                                                      "train.gradient_accumulation_steps": 2})
     run_stage("train", single / "params.yaml")
     ray_lora = load_file(on_ray / LORA)
@@ -90,7 +91,7 @@ def test_a_worker_killed_mid_training_restarts_the_job_from_the_checkpoint_with_
     from flux2lora import faults
 
     straight = ray_run[0]
-    faulted = copy_encoded(ray_encoded, tmp_path / "faulted",
+    faulted = copy_project(ray_encoded, tmp_path / "faulted",
                            **ray_params(ray_cluster, **{"runtime.ray_max_failures": 1}))
 
     monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=1:hold")

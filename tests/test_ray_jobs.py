@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import make_project, run, set_params
-from ray_cluster import NODE_IP, ConnectionWatch, copy_encoded
+from helpers import copy_project, make_project, run, set_params
+from ray_cluster import NODE_IP, ConnectionWatch
 from servers import PrefectAPI, prefect_in_process
 
 from flux2lora.config import load_params
@@ -30,15 +30,10 @@ SECRETS = {"AWS_SECRET_ACCESS_KEY": "aws-secret-do-not-log-3141", "HF_TOKEN": "h
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_cluster):
-    return ray_cluster
-
-
-@pytest.fixture(scope="module")
-def jobs(cluster):
+def jobs(ray_cluster):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(cluster.jobs_url)
+    return JobSubmissionClient(ray_cluster.jobs_url)
 
 
 def _ray_job_params(cluster, **extra) -> dict:
@@ -76,14 +71,14 @@ def test_a_jobs_api_address_submits_and_the_job_itself_trains_on_its_cluster(mon
 
 
 def test_flow_submits_train_as_a_ray_job_logs_its_output_and_dvc_repro_then_does_nothing(
-        cluster, jobs, tmp_path, monkeypatch):
+        ray_cluster, jobs, tmp_path, monkeypatch):
     """All six stages through the flow with no manual step: train as a Ray job whose output is in the train task's
     log; dvc.lock records it, so `dvc repro` afterwards runs nothing. The cluster mounts the project at another path
     (a symlink here: runtime.ray_project_dir). Secrets in this process's environment are in neither the job's
     entrypoint, its runtime env nor the logs. Every connection stays on loopback."""
     from flows.train import flux2_lora
 
-    project = make_project(tmp_path / "project", **_ray_job_params(cluster))
+    project = make_project(tmp_path / "project", **_ray_job_params(ray_cluster))
     mounted = tmp_path / "mounted"
     mounted.symlink_to(project)
     set_params(project, **{"runtime.ray_project_dir": str(mounted)})
@@ -92,7 +87,7 @@ def test_flow_submits_train_as_a_ray_job_logs_its_output_and_dvc_repro_then_does
         monkeypatch.setenv(name, value)
     submitted_before = {job.submission_id for job in jobs.list_jobs()}
 
-    with prefect_in_process(tmp_path / "prefect") as api_url, ConnectionWatch(cluster.processes) as watch:
+    with prefect_in_process(tmp_path / "prefect") as api_url, ConnectionWatch(ray_cluster.processes) as watch:
         state = flux2_lora(project_dir=str(project), return_state=True)
         assert state.is_completed(), state
         flow_run_id = str(state.state_details.flow_run_id)
@@ -130,12 +125,13 @@ def test_flow_submits_train_as_a_ray_job_logs_its_output_and_dvc_repro_then_does
     assert {job.submission_id for job in jobs.list_jobs()} - submitted_before == {job_id}  # nothing submitted again
 
 
-def test_a_failed_job_is_an_error_with_its_id_and_last_lines(cluster, jobs, tmp_path):
+def test_a_failed_job_is_an_error_with_its_id_and_last_lines(ray_cluster, jobs, tmp_path):
     from flux2lora.launch import launch_train
     from flux2lora.ray_jobs import RayJobFailed
 
     project = make_project(tmp_path / "project", git=False,
-                           **_ray_job_params(cluster, **{"runtime.ray_project_dir": str(tmp_path / "not-mounted")}))
+                           **_ray_job_params(ray_cluster,
+                                             **{"runtime.ray_project_dir": str(tmp_path / "not-mounted")}))
     with pytest.raises(RayJobFailed) as failed:
         launch_train(project, load_params(project / "params.yaml"), logger)
     message = str(failed.value)
@@ -146,14 +142,15 @@ def test_a_failed_job_is_an_error_with_its_id_and_last_lines(cluster, jobs, tmp_
     assert failed.value.permanent
 
 
-def test_an_interrupt_while_waiting_stops_the_job_and_its_workers(cluster, jobs, ray_encoded, tmp_path, monkeypatch):
+def test_an_interrupt_while_waiting_stops_the_job_and_its_workers(ray_cluster, jobs, ray_encoded, tmp_path,
+                                                                 monkeypatch):
     """Ctrl-C (or Prefect cancelling, or SIGTERM raised as an exception) while the job trains: the job is stopped and
     its Ray Train workers end. FLUX2LORA_FAULT=train:step=1:hold holds a worker after step 1 (its pid in the marker);
     the interrupt comes in the wait's next poll of the job's status."""
     from flux2lora import faults, ray_jobs
     from flux2lora.launch import launch_train
 
-    project = copy_encoded(ray_encoded, tmp_path / "project", **_ray_job_params(cluster))
+    project = copy_project(ray_encoded, tmp_path, **_ray_job_params(ray_cluster))
     monkeypatch.setenv(faults.ENV, "train:step=1:hold")
     monkeypatch.setenv("FLUX2LORA_FAULT_HOLD_SECONDS", "120")
     marker = faults.marker_path(project / "outputs", "train", "step=1")

@@ -21,7 +21,8 @@ import torch
 import yaml
 from helpers import REPO
 from ray_cluster import S3_BUCKET as BUCKET
-from ray_cluster import S3_ENV_UNSET, S3_SECRET as SECRET, s3_env as node_s3_env
+from ray_cluster import S3_SECRET as SECRET
+from ray_cluster import s3_env as node_s3_env
 
 from flux2lora.shared_storage import INPUTS, MANIFEST, CheckpointMirror, SharedStorage
 
@@ -34,9 +35,10 @@ def s3_env(ray_s3):
     with (test credentials with SECRET, no ~/.aws)."""
     with pytest.MonkeyPatch.context() as mp:
         for key, value in node_s3_env(ray_s3).items():
-            mp.setenv(key, value)
-        for key in S3_ENV_UNSET:
-            mp.delenv(key, raising=False)
+            if value is None:
+                mp.delenv(key, raising=False)
+            else:
+                mp.setenv(key, value)
         yield ray_s3
 
 
@@ -125,13 +127,6 @@ def test_storage_values_that_cannot_work_are_refused_naming_the_key(tmp_path):
 # -- on a real cluster
 
 
-def _run(encoded: Path, dest: Path, cluster, **params) -> tuple[Path, dict]:
-    from ray_cluster import copy_encoded, launch, ray_params
-
-    copy_encoded(encoded, dest, **ray_params(cluster, **params))
-    return dest, launch(dest)
-
-
 @pytest.fixture(scope="module")
 def on_s3(ray_encoded, ray_cluster, s3_env, tmp_path_factory):
     """The job with runtime.storage on S3, made to depend on it twice over:
@@ -144,11 +139,14 @@ def on_s3(ray_encoded, ray_cluster, s3_env, tmp_path_factory):
       only have step 1's checkpoint from the bucket.
 
     Returns (project, summary, {moved, killed})."""
-    from ray_cluster import worker_killer
+    from helpers import copy_project
+    from ray_cluster import launch, ray_params, worker_killer
 
     from flux2lora import faults
 
-    dest = tmp_path_factory.mktemp("ray-s3") / "project"
+    root = copy_project(ray_encoded, tmp_path_factory.mktemp("ray-s3"),
+                        **ray_params(ray_cluster, **{"runtime.storage": f"s3://{BUCKET}/job",
+                                                     "runtime.ray_max_failures": 1}))
     upload = SharedStorage.upload_inputs
     moved: list[tuple[Path, Path]] = []
 
@@ -160,15 +158,14 @@ def on_s3(ray_encoded, ray_cluster, s3_env, tmp_path_factory):
             moved.append((away, Path(output_dir) / name))
         return counts
 
-    marker = faults.marker_path(dest / "outputs", "train", "step=1")
+    marker = faults.marker_path(root / "outputs", "train", "step=1")
     killer, killed = worker_killer(marker)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SharedStorage, "upload_inputs", upload_then_move_the_caches_away)
         mp.setenv("FLUX2LORA_FAULT", "train:step=1:hold")
         killer.start()
         try:
-            root, summary = _run(ray_encoded, dest, ray_cluster, **{"runtime.storage": f"s3://{BUCKET}/job",
-                                                            "runtime.ray_max_failures": 1})
+            summary = launch(root)
         finally:
             for away, back in moved:
                 os.replace(away, back)
