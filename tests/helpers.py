@@ -95,25 +95,6 @@ def copy_project(encoded: Path, folder: Path, **params) -> Path:
     return root
 
 
-def kill_train_at_checkpoint(root: Path, step: int, timeout: float = 240) -> Path:
-    """`flux2lora stage train` in a subprocess, its process group SIGKILLed as soon as step `step`'s checkpoint
-    exists (a machine that dies mid-run); returns that checkpoint's folder."""
-    import signal
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-m", "flux2lora.cli", "stage", "train"], cwd=root, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoint = root / f"outputs/checkpoints/step-{step:06d}"
-    deadline = time.monotonic() + timeout
-    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.005)
-    assert checkpoint.exists(), f"training never reached its step-{step} checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
-    return checkpoint
-
-
 def straight_and_faulted(encoded: Path, folder: Path, monkeypatch, fault_step: int = 4) -> tuple[Path, Path]:
     """Two copies of an encoded project: one whose train stage ran straight through, one whose train stage was
     failed by FLUX2LORA_FAULT after step `fault_step` and then run again (it resumes from its newest checkpoint)."""

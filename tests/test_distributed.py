@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, encoded_ddp_project, make_project
+from helpers import REPO, encoded_ddp_project
 from safetensors.torch import load_file
 
 from flux2lora.config import load_params
@@ -117,17 +117,19 @@ def test_fsdp2_config_is_a_valid_accelerate_config_sharding_the_transformer_bloc
         Flux2Transformer2DModel._no_split_modules
 
 
-def test_dvc_repro_launches_the_configured_processes_too(tmp_path):
+def test_dvc_repro_launches_the_configured_processes_too(repro_project):
     """`dvc repro` runs `flux2lora stage train`, which starts `accelerate launch` itself when
-    runtime.num_processes > 1: the setting never silently trains on one process."""
+    runtime.num_processes > 1: the setting never silently trains on one process. On a copy of the demo project after
+    its first `dvc repro` (conftest): a changed step count re-runs train, now on two processes."""
     import json
 
-    from helpers import run
+    from helpers import run, set_params
 
-    project = make_project(tmp_path / "project", git=True, images=4,
-                           **{"train.max_train_steps": 2, "train.train_batch_size": 1, "runtime.num_processes": 2})
+    project = repro_project
     shutil.copytree(REPO / "infra", project / "infra")
+    set_params(project, **{"train.max_train_steps": 2, "train.train_batch_size": 1, "runtime.num_processes": 2})
     result = run(["dvc", "repro", "train"], cwd=project, ACCELERATE_USE_CPU="true")
+    assert "Running stage 'train'" in result.stdout and "Running stage 'encode-latents'" not in result.stdout
     assert "training on 2 processes" in result.stdout + result.stderr
     metrics = json.loads((project / "outputs/train/metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 2

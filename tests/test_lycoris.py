@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
-from helpers import copy_project, kill_train_at_checkpoint, make_project
+from helpers import copy_project, make_project
 from peft.tuners.lycoris_utils import LycorisLayer
 from safetensors.torch import load_file
 
@@ -223,42 +223,6 @@ def test_the_pipeline_validates_publishes_and_generates_with_each_kind(lycoris_p
     with_adapter = np.asarray(generate_images("a red circle", diffusers_file, **small)[0], dtype=np.float64)
     off = np.asarray(generate_images("a red circle", diffusers_file, scale=0.0, **small)[0], dtype=np.float64)
     assert np.abs(with_adapter - off).max() > 0  # the adapter changes the image; scale 0 switches it off
-
-
-@pytest.fixture(scope="module")
-def encoded_klein(tmp_path_factory):
-    """One encoded tiny klein-4b project, copied by each resume test."""
-    root = make_project(tmp_path_factory.mktemp("resume") / "project", git=False, images=4, **BASE)
-    for stage in ("prepare", "encode-text", "encode-latents"):
-        run_stage(stage, root / "params.yaml")
-    return root
-
-
-def _killed_and_resumed(root, tag):
-    checkpoint = kill_train_at_checkpoint(root, 6)
-    assert any(tag in k for k in load_file(str(checkpoint / "lora.safetensors")))
-    return run_stage("train", root / "params.yaml")
-
-
-@pytest.mark.parametrize("kind,extra", [("lokr", {}), ("loha", {}),
-                                        ("lora", {"train.use_dora": True, "train.tread_config": {"routes": [
-                                            {"selection_ratio": 0.5, "start_layer_idx": 1, "end_layer_idx": -1}]}})],
-                         ids=["lokr", "loha", "dora-tread"])  # plain DoRA: tests/test_dora.py
-def test_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(encoded_klein, tmp_path, kind, extra):
-    """The adapter's tensors are checkpointed and restored: the resumed run's file equals the straight one's bit
-    for bit (CPU)."""
-    params = {"train.lora_type": kind, **extra, "train.max_train_steps": 8, "train.checkpointing_steps": 3,
-              "train.checkpoints_total_limit": 2}
-    straight = copy_project(encoded_klein, tmp_path / "straight", **params)
-    run_stage("train", straight / "params.yaml")
-    killed = copy_project(encoded_klein, tmp_path / "killed", **params)
-    tag = {"lokr": "lokr_w1", "loha": "hada_w1_a", "lora": "lora_magnitude_vector"}[kind]
-    summary = _killed_and_resumed(killed, tag)
-    assert summary["resumed_from_step"] == 6
-    a = load_file(str(straight / "outputs/lora/pytorch_lora_weights.safetensors"))
-    b = load_file(str(killed / "outputs/lora/pytorch_lora_weights.safetensors"))
-    assert a.keys() == b.keys() and any(tag in k for k in a)
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("train,match", [

@@ -5,16 +5,15 @@ after a resume are logged once."""
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from helpers import make_project, project_env, set_params
+from helpers import kill_trains_after_step, make_project, project_env, set_params
 
+from flux2lora.faults import InjectedFault
 from flux2lora.layout import layout_for
 from flux2lora.stages import run_stage
 from flux2lora.tracking import LOSS_METRIC
@@ -69,32 +68,27 @@ def test_a_second_training_of_the_project_is_refused_with_the_holder(encoded):
     assert not layout.lora_file.exists(), "the refused training must not write anything"
 
 
-def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, tmp_path):
+def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, monkeypatch, caplog):
     layout = layout_for(encoded, "outputs")
     active = layout.state_dir / "training_mlflow_run.json"
-    # 1. killed (SIGKILL) once its MLflow run is open, before any checkpoint: the run is left RUNNING
-    proc = subprocess.Popen(["flux2lora", "stage", "train"], cwd=encoded, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not active.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    for checkpoint in layout.checkpoints_dir.glob("step-*"):  # killed before its first checkpoint, whatever the timing
-        shutil.rmtree(checkpoint)
+    # 1. SIGKILLed after step 1, before its first checkpoint (step 2): its MLflow run is left RUNNING
+    kill_trains_after_step([encoded], 1)
+    assert not list(layout.checkpoints_dir.glob("step-*"))
     killed_id = json.loads(active.read_text())["run_id"]
     assert [r.info.status for r in runs(encoded) if r.info.run_id == killed_id] == ["RUNNING"]
 
     # 2. a fault after step 3 (after step 2's checkpoint): the next start ends the killed run as KILLED
-    failed = train(encoded, FLUX2LORA_FAULT="train:step=3")
-    assert failed.returncode != 0 and "InjectedFault" in failed.stdout + failed.stderr
+    monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=3")
+    with pytest.raises(InjectedFault):
+        run_stage("train", encoded / "params.yaml")
+    monkeypatch.delenv("FLUX2LORA_FAULT")
     statuses = {r.info.run_id: r.info.status for r in runs(encoded)}
     assert statuses[killed_id] == "KILLED", statuses
 
     # 3. the retry resumes from step 2 and re-trains step 3, which the failed attempt had logged already
-    done = train(encoded)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming from checkpoint step-000002" in done.stdout + done.stderr
+    with caplog.at_level(logging.INFO, logger="flux2lora"):
+        run_stage("train", encoded / "params.yaml")
+    assert "resuming from checkpoint step-000002" in caplog.text
     from mlflow.tracking import MlflowClient
 
     run_id = json.loads(layout.run_file.read_text())["run_id"]
