@@ -31,6 +31,24 @@ def _tracking_uri_does_not_leak_between_tests():
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def quanto_int4_without_a_compiler(monkeypatch):
+    """optimum-quanto unpacks int4 weights on CPU with a C++ kernel it compiles (g++ over torch's headers) the first
+    time a venv needs it: 3.5 to 4 minutes of a CI core in every fresh clone (232 s and 214 s measured), 0.25 s once
+    built. The tests of our int4 path use quanto's own PyTorch implementation of the same op instead (its `default`
+    kernel of `quanto::unpack`, registered for every device without a compiled one): what they check is our
+    quantization and adapters on quanto's weights, not quanto's kernel."""
+    from types import SimpleNamespace
+
+    from optimum.quanto.library.extensions.cpp import ext
+
+    op = torch.ops.quanto.unpack.default
+    pytorch_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    # the CPU kernel calls ext.lib.unpack, which would compile the extension on first access
+    monkeypatch.setattr(ext, "_lib", SimpleNamespace(unpack=lambda packed, bits: op.redispatch(pytorch_kernel, packed,
+                                                                                              bits)))
+
+
 def _train_demo(root: Path) -> Path:
     from flux2lora.stages import STAGES, run_stage
 

@@ -258,7 +258,8 @@ def test_lokr_factorisation_options_follow_lycoris(tmp_path):
 
 @pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto", "fp8-torchao"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_lokr_and_loha_train_on_a_quantized_base(tmp_path_factory, precision, kind):
+def test_lokr_and_loha_train_on_a_quantized_base(tmp_path_factory, quanto_int4_without_a_compiler, precision,
+                                                 kind):
     """peft wraps the quantized Linear layers (quanto's QLinear and torchao's float8 weights are torch Linears): each
     adapted layer computes base(x) + x dW^T and its factors get gradients, the frozen weights none."""
     from flux2lora.config import ModelParams

@@ -19,7 +19,8 @@ def tiny(tmp_path_factory) -> ModelParams:
 
 
 @pytest.mark.parametrize("precision,at_most", [("int8-quanto", 0.5), ("int4-quanto", 0.4), ("fp8-torchao", 0.5)])
-def test_quantized_base_shrinks_the_transformers_parameter_bytes(tiny, precision, at_most):
+def test_quantized_base_shrinks_the_transformers_parameter_bytes(tiny, quanto_int4_without_a_compiler, precision,
+                                                                  at_most):
     def block_bytes(model):
         return parameter_bytes(model.transformer_blocks) + parameter_bytes(model.single_transformer_blocks)
 
@@ -42,7 +43,7 @@ def test_quantized_base_shrinks_the_transformers_parameter_bytes(tiny, precision
 
 
 @pytest.mark.parametrize("precision", ["int8-quanto", "int4-quanto", "fp8-torchao"])
-def test_training_steps_run_on_a_quantized_base(tmp_path, precision):
+def test_training_steps_run_on_a_quantized_base(tmp_path, quanto_int4_without_a_compiler, precision):
     from helpers import make_project
 
     root = make_project(tmp_path / "p", git=False, images=4,

@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import make_project, project_env, run, set_params
+from helpers import make_project, run, set_params
 from safetensors.torch import load_file
 
+from flux2lora.faults import InjectedFault
 from flux2lora.layout import layout_for
 from flux2lora.stages import STAGES, DvcPipeline, run_stage
 
@@ -40,16 +40,16 @@ def uninterrupted(tmp_path_factory) -> dict:
     return lora_of(root)
 
 
-def half_trained(root: Path) -> None:
-    """Every stage before train recorded in dvc.lock; train killed by the fault switch after step 4's checkpoint."""
+def half_trained(root: Path, monkeypatch) -> None:
+    """Every stage before train recorded in dvc.lock; train stopped by the fault switch after step 4's checkpoint."""
     set_params(root, **STEPS)
     with contextlib.chdir(root), DvcPipeline(root) as dvc:  # DVC resolves paths against the working directory
         for name in ("params", "prepare", "encode-text", "encode-latents"):
             run_stage(name, root / "params.yaml")
             dvc.record(name)
-    proc = subprocess.run(["flux2lora", "stage", "train"], cwd=root, capture_output=True, text=True, timeout=600,
-                          env=project_env(FLUX2LORA_FAULT="train:step=4"))
-    assert proc.returncode != 0 and "InjectedFault" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+    with monkeypatch.context() as patch, pytest.raises(InjectedFault):
+        patch.setenv("FLUX2LORA_FAULT", "train:step=4")
+        run_stage("train", root / "params.yaml")
     assert (layout_for(root, "outputs").checkpoints_dir / "step-000004").is_dir()
 
 
@@ -59,9 +59,9 @@ def resume_in(root: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_copied_project_resumes_its_checkpoint(tmp_path, uninterrupted):
+def test_copied_project_resumes_its_checkpoint(tmp_path, monkeypatch, uninterrupted):
     first = make_project(tmp_path / "first")
-    half_trained(first)
+    half_trained(first, monkeypatch)
     moved = tmp_path / "elsewhere" / "renamed"
     shutil.copytree(first, moved, symlinks=True)  # copy2: file times are kept, as `cp -a` and rsync -a keep them
     shutil.rmtree(first)  # nothing may still point at the old folder
@@ -85,11 +85,11 @@ def test_copied_project_resumes_its_checkpoint(tmp_path, uninterrupted):
         assert (trained[key] == uninterrupted[key]).all(), key  # bitwise
 
 
-def test_project_cloned_through_a_dvc_remote_resumes_its_checkpoint(tmp_path, uninterrupted):
+def test_project_cloned_through_a_dvc_remote_resumes_its_checkpoint(tmp_path, monkeypatch, uninterrupted):
     origin = make_project(tmp_path / "origin")
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-f", "-d", "test", str(remote)], origin)
-    half_trained(origin)
+    half_trained(origin, monkeypatch)
     # the half-trained run's checkpoints travel as a DVC-tracked folder (README: "Moving a half-trained run")
     run(["dvc", "add", "outputs/checkpoints"], origin)
     run(["dvc", "push"], origin)

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -245,6 +246,12 @@ def logged_params(client, run) -> dict[str, str]:
 
 def _prefect_flow_run() -> dict[str, str]:
     """Name, id and UI URL of the Prefect flow run this process runs in; {} outside one."""
+    # A flow or task run context exists only in a process that imported prefect; any other process learns of its
+    # flow run from the environment (a worker's flow-run process and what it launches; prefect.runtime's mocks).
+    # Without either there is nothing to link, and importing prefect.runtime (~1 s of CPU) is skipped.
+    if "prefect" not in sys.modules and not any(
+            key == "PREFECT__FLOW_RUN_ID" or key.startswith("PREFECT__RUNTIME__FLOW_RUN__") for key in os.environ):
+        return {}
     try:
         from prefect.runtime import flow_run
     except ImportError:
