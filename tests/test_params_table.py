@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_project, project_env, run, set_params
+from helpers import project_env, run, set_params
 from servers import prefect_in_process
 
 from flux2lora import nightly, params_table
@@ -142,7 +142,7 @@ def _value(raw: dict, params: Params, key: str):
 
 
 class Project:
-    """The demo project the flow trained once; `change` edits params.yaml and puts it back."""
+    """The demo project, pipeline up to date; `restore` puts params.yaml back."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -164,14 +164,12 @@ class Project:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(repro_project, tmp_path_factory):
+    """This module's copy of conftest's demo project after its first `dvc repro` (dvc.lock is the one record both
+    entry points read and write), and a Prefect server for the flow runs below."""
     with prefect_in_process(tmp_path_factory.mktemp("prefect") / "home") as api_url:
-        from flows.train import flux2_lora
-
-        root = make_project(tmp_path_factory.mktemp("table") / "project")
+        root = repro_project
         (root / "prompts-copy.json").write_bytes((root / "user_prompt_library.json").read_bytes())
-        state = flux2_lora(project_dir=str(root), return_state=True)
-        assert state.is_completed(), state
         yield Project(root), api_url
 
 
