@@ -34,8 +34,7 @@ def _tracking_uri_does_not_leak_between_tests():
 @pytest.fixture
 def quanto_int4_without_a_compiler(monkeypatch):
     """optimum-quanto unpacks int4 weights on CPU with a C++ kernel it compiles (g++ over torch's headers) the first
-    time a venv needs it: 3.5 to 4 minutes of a CI core in every fresh clone (232 s and 214 s measured), 0.25 s once
-    built. The tests of our int4 path use quanto's own PyTorch implementation of the same op instead (its `default`
+    time a venv needs it: the first int4 test took 232 s and 214 s in two CI runs (fresh venvs), 0.25 s once built. The tests of our int4 path use quanto's own PyTorch implementation of the same op instead (its `default`
     kernel of `quanto::unpack`, registered for every device without a compiled one): what they check is our
     quantization and adapters on quanto's weights, not quanto's kernel."""
     from types import SimpleNamespace
