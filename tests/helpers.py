@@ -98,20 +98,27 @@ def copy_project(encoded: Path, folder: Path, **params) -> Path:
 def straight_and_faulted(encoded: Path, folder: Path, monkeypatch, fault_step: int = 4) -> tuple[Path, Path]:
     """Two copies of an encoded project: one whose train stage ran straight through, one whose train stage was
     failed by FLUX2LORA_FAULT after step `fault_step` and then run again (it resumes from its newest checkpoint)."""
-    import pytest
-
-    from flux2lora.faults import InjectedFault
     from flux2lora.stages import run_stage
 
     straight = copy_project(encoded, folder / "straight")
     run_stage("train", straight / "params.yaml")
     faulted = copy_project(encoded, folder / "killed")
-    monkeypatch.setenv("FLUX2LORA_FAULT", f"train:step={fault_step}")
-    with pytest.raises(InjectedFault):
-        run_stage("train", faulted / "params.yaml")
-    monkeypatch.delenv("FLUX2LORA_FAULT")
+    fail_train_after_step(faulted, fault_step, monkeypatch)
     run_stage("train", faulted / "params.yaml")
     return straight, faulted
+
+
+def fail_train_after_step(root: Path, step: int, monkeypatch) -> None:
+    """The train stage in this process, failed by FLUX2LORA_FAULT=train:step=<step> right after that step (and its
+    checkpoint, when one is due); the variable is unset again afterwards."""
+    import pytest
+
+    from flux2lora.faults import InjectedFault
+    from flux2lora.stages import run_stage
+
+    with monkeypatch.context() as patch, pytest.raises(InjectedFault):
+        patch.setenv("FLUX2LORA_FAULT", f"train:step={step}")
+        run_stage("train", root / "params.yaml")
 
 
 def kill_trains_after_step(roots: list[Path], step: int, timeout: float = 300) -> None:

@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from flux2lora.config import load_params
 from flux2lora.stages import run_stage
 from test_lycoris import BASE
+from test_lycoris_resume import KINDS as ADAPTER_KINDS
+from test_lycoris_resume import TAGS
 
 pytestmark = pytest.mark.slow
 
-KINDS = {"lokr": {"train.lora_type": "lokr"}, "loha": {"train.lora_type": "loha"}, "dora": {"train.use_dora": True}}
-# a tensor only this kind's file has
-TAGS = {"lokr": "lokr_w1", "loha": "hada_w1_a", "dora": "lora_magnitude_vector"}
+KINDS = {kind: params for kind, params in ADAPTER_KINDS.items() if kind != "lora"}  # LoRA: tests/test_distributed.py
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import make_project, run, set_params
+from helpers import fail_train_after_step, make_project, run, set_params
 from safetensors.torch import load_file
 
-from flux2lora.faults import InjectedFault
 from flux2lora.layout import layout_for
 from flux2lora.stages import STAGES, DvcPipeline, run_stage
 
@@ -47,9 +46,7 @@ def half_trained(root: Path, monkeypatch) -> None:
         for name in ("params", "prepare", "encode-text", "encode-latents"):
             run_stage(name, root / "params.yaml")
             dvc.record(name)
-    with monkeypatch.context() as patch, pytest.raises(InjectedFault):
-        patch.setenv("FLUX2LORA_FAULT", "train:step=4")
-        run_stage("train", root / "params.yaml")
+    fail_train_after_step(root, 4, monkeypatch)
     assert (layout_for(root, "outputs").checkpoints_dir / "step-000004").is_dir()
 
 

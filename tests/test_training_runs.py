@@ -11,9 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import kill_trains_after_step, make_project, project_env, set_params
+from helpers import fail_train_after_step, kill_trains_after_step, make_project, project_env, set_params
 
-from flux2lora.faults import InjectedFault
 from flux2lora.layout import layout_for
 from flux2lora.stages import run_stage
 from flux2lora.tracking import LOSS_METRIC
@@ -78,10 +77,7 @@ def test_a_killed_run_ends_killed_and_resumed_steps_are_logged_once(encoded, mon
     assert [r.info.status for r in runs(encoded) if r.info.run_id == killed_id] == ["RUNNING"]
 
     # 2. a fault after step 3 (after step 2's checkpoint): the next start ends the killed run as KILLED
-    monkeypatch.setenv("FLUX2LORA_FAULT", "train:step=3")
-    with pytest.raises(InjectedFault):
-        run_stage("train", encoded / "params.yaml")
-    monkeypatch.delenv("FLUX2LORA_FAULT")
+    fail_train_after_step(encoded, 3, monkeypatch)
     statuses = {r.info.run_id: r.info.status for r in runs(encoded)}
     assert statuses[killed_id] == "KILLED", statuses
 
