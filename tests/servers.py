@@ -137,20 +137,40 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+# What Prefect's own client retries (prefect.client.base.PrefectHttpxAsyncClient.send): its server answers 503 when
+# SQLite is busy (prefect.server.api.server.is_client_retryable_exception), which happens on a 2-core machine under
+# load while a worker and flow runs write to the same database; the failed transaction was rolled back, so the request
+# can be sent again. CI saw one such 503 on a PATCH of a deployment.
+RETRIED_STATUS = frozenset({408, 429, 502, 503})
+
+
+def _json_request(request: urllib.request.Request | str, timeout: float, attempts: int = 6):
+    """Send `request`; the decoded JSON answer. An answer in RETRIED_STATUS is retried with backoff (0.5 s, doubling,
+    at most 8 s, or the server's Retry-After), like Prefect's client; the last one raises urllib.error.HTTPError."""
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            if error.code not in RETRIED_STATUS or attempt == attempts - 1:
+                raise
+            retry_after = error.headers.get("Retry-After", "")
+            time.sleep(float(retry_after) if retry_after.replace(".", "", 1).isdigit() else min(8.0, 0.5 * 2 ** attempt))
+
+
 def api_post(api_url: str, path: str, body: dict | None = None, timeout: float = 10.0, method: str = "POST"):
     """POST (or `method`) JSON to a REST API (e.g. Prefect's `/work_pools/NAME/workers/filter`); returns the decoded
-    answer."""
+    answer (503 and the other RETRIED_STATUS answers are retried)."""
     request = urllib.request.Request(f"{api_url.rstrip('/')}/{path.lstrip('/')}",
                                      data=json.dumps(body or {}).encode(), method=method,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read() or b"null")
+    return _json_request(request, timeout)
 
 
 def api_get(api_url: str, path: str, timeout: float = 10.0):
-    """GET from a REST API; returns the decoded JSON answer (raises urllib.error.HTTPError on 4xx/5xx)."""
-    with urllib.request.urlopen(f"{api_url.rstrip('/')}/{path.lstrip('/')}", timeout=timeout) as response:
-        return json.loads(response.read() or b"null")
+    """GET from a REST API; returns the decoded JSON answer (RETRIED_STATUS answers are retried; other 4xx/5xx, and
+    the last retry, raise urllib.error.HTTPError)."""
+    return _json_request(f"{api_url.rstrip('/')}/{path.lstrip('/')}", timeout)
 
 
 # --- Prefect ---------------------------------------------------------------------------------------------------
